@@ -1,0 +1,451 @@
+"""One typed schema for a run: YAML file < upstream environment variables < ``--set a.b=value``.
+
+Every field a user can type lives here, with upstream Euphonium's defaults where upstream has one. Unknown keys
+are rejected with the nearest valid name, and bad values fail with one line that names the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key or value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------------- sections
+class ModelConfig(Section):
+    """The policy: a diffusers-layout folder (transformer/, vae/ or latent/, text encoders)."""
+
+    family: Literal["hunyuanvideo", "toy"] = "hunyuanvideo"
+    path: str = ""
+    checkpoint: str | None = None  # a diffusers transformer folder to load over path/transformer
+    embedded_guidance: float = 6018.0
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    trainable: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Section):
+    """Prompt embeddings in upstream's layout (videos2caption.json) and the video shape to sample."""
+
+    prompts: str = ""
+    num_frames: int = Field(default=32, ge=1)
+    height: int = Field(default=480, ge=8)
+    width: int = Field(default=480, ge=8)
+    prompts_per_step: int = Field(default=1, ge=1)
+    shuffle_seed: int = 1237
+    eval_prompts: str | None = None
+
+
+class SamplerConfig(Section):
+    """The SDE sampler (DESIGN.md section 3)."""
+
+    num_steps: int = Field(default=16, ge=1)
+    shift: float = Field(default=5.0, gt=0)
+    noise_type: Literal["dance", "flow", "ode"] = "dance"
+    eta: float = Field(default=0.25, ge=0)
+    flow_a: float = Field(default=0.7, ge=0)
+    group_size: int = Field(default=8, ge=1)
+    same_initial_noise: bool = True
+
+
+class GuidanceWindow(Section):
+    enabled: bool = True
+    scale: float = Field(default=0.01, ge=0)
+    scale_mode: Literal["fixed", "kl"] = "fixed"
+    kl_beta: float = Field(default=3.125, gt=0)
+    delta_t_scaling: bool = True
+    normalize: bool = False
+    start: int = Field(default=12, ge=0)
+    end: int | None = None  # None: to the last step
+    interval: int = Field(default=1, ge=1)
+
+    def effective_scale(self, eta: float) -> float:
+        """The guidance scale c; "kl" mode derives it from the SDE noise: c = η²/(2β)."""
+        return eta**2 / (2 * self.kl_beta) if self.scale_mode == "kl" else self.scale
+
+
+class RGGConfig(GuidanceWindow):
+    """Reward-gradient guidance from the latent PRM."""
+
+
+class SPSAConfig(GuidanceWindow):
+    """Zeroth-order guidance from the pixel ORM (upstream default: off)."""
+
+    enabled: bool = False
+    sigma: float = Field(default=0.01, gt=0)
+    num_samples: int = Field(default=1, ge=1)
+    kl_beta: float = Field(default=0.3125, gt=0)
+
+
+class PRMConfig(Section):
+    """The latent process reward model."""
+
+    path: str = ""
+    placement: Literal["colocated", "pool"] = "colocated"
+    use_sigmoid: bool = False
+    dtype: Literal["fp32", "bf16"] = "bf16"
+
+
+class ORMConfig(Section):
+    """The pixel-space outcome reward model."""
+
+    enabled: bool = True
+    backend: Literal["toy", "solireward", "vllm"] = "solireward"
+    path: str = ""
+    prompt_variant: Literal["deformity_physics", "ta"] = "deformity_physics"
+    num_frames: int = Field(default=8, ge=1)
+    image_size: int = Field(default=448, ge=8)
+    coef: float = 1.0
+    dtype: Literal["fp32", "bf16"] = "bf16"
+
+
+class RewardsConfig(Section):
+    orm: ORMConfig = ORMConfig()
+    prm: PRMConfig = PRMConfig()
+    latent_outcome: bool = True  # PRM score of the final x̂0 at t=0, an extra advantage term
+    latent_outcome_coef_in_score: float = 0.0  # upstream LATENT_REWARD_IN_TRL_REWARD_COEF
+
+
+class AdvantageConfig(Section):
+    """Dual-Reward GRPO advantages (DESIGN.md section 3)."""
+
+    mode: Literal["both", "none", "only"] = "both"
+    combine: Literal["paper", "upstream"] = "paper"
+    outcome_weight: float = 1.0
+    process_weight: float = 1.0
+    latent_outcome_weight: float = 0.0
+    clamp: float = Field(default=5.0, gt=0)
+
+
+class OptimConfig(Section):
+    """The learner: clipped GRPO on a subset of transitions, AdamW."""
+
+    lr: float = Field(default=1e-6, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    clip_range: float = Field(default=1e-4, gt=0)
+    timestep_fraction: float = Field(default=0.6, gt=0, le=1)
+    timestep_selection: Literal["fraction", "range"] = "fraction"
+    range_start: int = Field(default=0, ge=0)
+    range_end: int = -1
+    range_interval: int = Field(default=1, ge=1)
+    train_last_transition: bool = False  # upstream never trains σ_{N-1} → 0
+    grad_accum: int = Field(default=4, ge=1)  # samples per optimizer update
+    epochs: int = Field(default=1, ge=1)
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    logprob_mean: Literal["unguided", "guided"] = "unguided"
+    logprob_mean_training: Literal["unguided", "guided"] = "unguided"
+    kl_coef: float = Field(default=0.0, ge=0)
+    distill_coef: float = Field(default=0.0, ge=0)
+
+
+class ClusterConfig(Section):
+    """Ray placement: how many actors of each role and what each one gets."""
+
+    address: str | None = None  # None: embedded local Ray
+    mode: Literal["sync", "async"] = "sync"
+    num_rollout_workers: int = Field(default=1, ge=1)
+    rollout_gpus: float = Field(default=0.0, ge=0)
+    rollout_cpus: float = Field(default=1.0, ge=0)
+    num_prm_workers: int = Field(default=1, ge=1)
+    prm_gpus: float = Field(default=0.0, ge=0)
+    num_orm_workers: int = Field(default=1, ge=1)
+    orm_gpus: float = Field(default=0.0, ge=0)
+    num_learners: int = Field(default=1, ge=1)
+    learner_gpus: float = Field(default=0.0, ge=0)
+    learner_cpus: float = Field(default=1.0, ge=0)
+    fsdp: bool = False
+    num_cpus: int | None = None  # for the embedded Ray only
+    object_store_memory: int | None = None
+    max_actor_restarts: int = Field(default=2, ge=0)
+    max_task_retries: int = Field(default=2, ge=0)
+    resources: dict[str, dict[str, float]] = Field(default_factory=dict)  # role -> custom resources (KubeRay groups)
+
+
+class OutputConfig(Section):
+    dir: str = "outputs/run"
+    save_every: int = Field(default=25, ge=1)
+    sample_every: int = Field(default=25, ge=1)
+    eval_every: int = Field(default=0, ge=0)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    tensorboard: bool = True
+
+
+class ToyConfig(Section):
+    """Knobs of the synthetic shapes world (euphonium_ray/toy); unused for real models."""
+
+    frames: int = Field(default=8, ge=2)
+    size: int = Field(default=32, ge=8)
+    shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle"])
+    colors: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    directions: list[str] = Field(default_factory=lambda: ["left", "right", "up", "down"])
+    num_prompts: int = Field(default=48, ge=1)
+    seed: int = 0
+
+
+class RunConfig(Section):
+    """A whole run."""
+
+    seed: int = 42
+    steps: int = Field(default=500, ge=1)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    rgg: RGGConfig = RGGConfig()
+    spsa: SPSAConfig = SPSAConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    optim: OptimConfig = OptimConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    output: OutputConfig = OutputConfig()
+    toy: ToyConfig = ToyConfig()
+
+    @model_validator(mode="after")
+    def _windows_fit_the_schedule(self) -> "RunConfig":
+        n = self.sampler.num_steps
+        for name in ("rgg", "spsa"):
+            win: GuidanceWindow = getattr(self, name)
+            if win.start >= n:
+                raise ValueError(f"{name}.start={win.start} is past the last sampling step (sampler.num_steps={n})")
+            if win.end is not None and win.end >= 0 and win.end <= win.start:
+                raise ValueError(f"{name}.end={win.end} must be greater than {name}.start={win.start}")
+            if win.end is not None and win.end > n:
+                raise ValueError(f"{name}.end={win.end} is past sampler.num_steps={n}")
+        return self
+
+    # ------------------------------------------------------------------------------------------ I/O
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.rgg.effective_scale(self.sampler.eta)
+
+
+# --------------------------------------------------------------------------------- upstream environment
+# Upstream Euphonium is configured by shell variables; a user moving over keeps them working.
+# name -> (dotted key, kind).  Kinds: bool, float, int, str, or a special converter name.
+UPSTREAM_ENV: dict[str, tuple[str, str]] = {
+    "TRL_CORE_ENABLED": ("rewards.orm.enabled", "bool"),
+    "TRL_MODEL_PATH": ("rewards.orm.path", "str"),
+    "TRL_PROMPT_VARIANT": ("rewards.orm.prompt_variant", "str"),
+    "SCORE_COEF": ("rewards.orm.coef", "float"),
+    "HUNYUAN_VIDEO_PATH": ("model.path", "str"),
+    "LATENT_REWARD_IN_TRL_REWARD_ENABLED": ("rewards.latent_outcome", "bool"),
+    "LATENT_REWARD_IN_TRL_REWARD_COEF": ("rewards.latent_outcome_coef_in_score", "float"),
+    "LATENT_REWARD_IN_TRL_REWARD_CHECKPOINT_DIR": ("rewards.prm.path", "str"),
+    "LATENT_REWARD_USE_SIGMOID": ("rewards.prm.use_sigmoid", "bool"),
+    "PROCESS_LATENT_REWARD_ENABLED": ("rgg.enabled", "bool"),
+    "PROCESS_LATENT_REWARD_SAMPLING_ENABLED": ("rgg.enabled", "bool"),
+    "PROCESS_LATENT_REWARD_GUIDANCE_SCALE": ("rgg", "scale_or_kl"),
+    "PROCESS_LATENT_REWARD_KL_BETA": ("rgg.kl_beta", "float"),
+    "PROCESS_LATENT_REWARD_NORMALIZE_GRADIENT": ("rgg.normalize", "bool"),
+    "PROCESS_LATENT_REWARD_START_STEP": ("rgg.start", "int"),
+    "PROCESS_LATENT_REWARD_END_STEP": ("rgg.end", "end"),
+    "PROCESS_LATENT_REWARD_INTERVAL": ("rgg.interval", "int"),
+    "USE_DELTA_T_FOR_GRADIENT_SCALING": ("rgg.delta_t_scaling", "bool"),
+    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB": ("optim.logprob_mean", "guided_flag"),
+    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB_TRAINING": ("optim.logprob_mean_training", "guided_flag"),
+    "PROCESS_REWARD_ADVANTAGE_MODE": ("advantage.mode", "adv_mode"),
+    "PROCESS_REWARD_ADVANTAGE_COEF": ("advantage.process_weight", "float"),
+    "OUTCOME_REWARD_ADVANTAGE_COEF": ("advantage.outcome_weight", "float"),
+    "USE_KL_LOSS": ("optim.kl_coef", "kl_switch"),
+    "KL_COEF": ("optim.kl_coef", "kl_coef"),
+    "SPSA_REWARD_ENABLED": ("spsa.enabled", "bool"),
+    "SPSA_REWARD_SIGMA": ("spsa.sigma", "float"),
+    "SPSA_REWARD_GUIDANCE_SCALE": ("spsa", "scale_or_kl"),
+    "SPSA_REWARD_NORMALIZE_GRADIENT": ("spsa.normalize", "bool"),
+    "SPSA_REWARD_NUM_SAMPLES": ("spsa.num_samples", "int"),
+    "SPSA_REWARD_START_STEP": ("spsa.start", "int"),
+    "SPSA_REWARD_END_STEP": ("spsa.end", "end"),
+    "SPSA_REWARD_INTERVAL": ("spsa.interval", "int"),
+    "SPSA_REWARD_KL_BETA": ("spsa.kl_beta", "float"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{name}: {text!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def _number(text: str, name: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Translate upstream's environment variables into dotted overrides (only those that are set)."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    kl_enabled: bool | None = None
+    for name, (key, kind) in UPSTREAM_ENV.items():
+        if name not in environ:
+            continue
+        raw = environ[name]
+        if kind == "bool":
+            out[key] = parse_bool(raw, name)
+        elif kind == "float":
+            out[key] = _number(raw, name, float)
+        elif kind == "int":
+            out[key] = _number(raw, name, int)
+        elif kind == "str":
+            out[key] = raw
+        elif kind == "end":
+            end = _number(raw, name, int)
+            out[key] = None if end < 0 else end
+        elif kind == "scale_or_kl":  # upstream: a negative scale selects "KL mode", c = η²/(2β)
+            scale = _number(raw, name, float)
+            out[f"{key}.scale_mode"] = "kl" if scale < 0 else "fixed"
+            if scale >= 0:
+                out[f"{key}.scale"] = scale
+        elif kind == "guided_flag":
+            out[key] = "guided" if parse_bool(raw, name) else "unguided"
+        elif kind == "adv_mode":
+            mode = {"0": "none", "1": "only", "2": "both"}.get(raw.strip(), raw.strip().lower())
+            out[key] = mode
+        elif kind == "kl_switch":
+            kl_enabled = parse_bool(raw, name)
+        elif kind == "kl_coef":
+            out["__kl_coef"] = _number(raw, name, float)
+    if kl_enabled is not None:  # USE_KL_LOSS gates KL_COEF (upstream default coefficient 3.125)
+        out["optim.kl_coef"] = out.pop("__kl_coef", 3.125) if kl_enabled else 0.0
+    out.pop("__kl_coef", None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- overrides
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, dotted + "."))
+    return keys
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _valid_keys(RunConfig), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key_error(key)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``a.b=value`` with the value read as YAML (so 0.1, true, [1,2] and null work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rgg.scale=0.02")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _check_keys(tree: Mapping[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            raise _unknown_key_error(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(value, Mapping):
+            _check_keys(value, ann, dotted + ".")
+
+
+def _format_validation_error(err: ValidationError) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, (dict, list)) and loc else ""
+        lines.append(f"{loc}: {msg}{shown}" if loc else msg)
+    return ConfigError("invalid config: " + "; ".join(lines))
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    use_env: bool = True,
+) -> RunConfig:
+    """Resolve a run's config: YAML file < upstream env vars < ``--set`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded
+    _check_keys(tree, RunConfig)
+    layers: list[tuple[str, Any]] = []
+    if use_env:
+        layers.extend(env_overrides(environ).items())
+    layers.extend(parse_set(item) for item in (overrides or []))
+    for key, value in layers:
+        _check_keys(_nest(key, value), RunConfig)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise _format_validation_error(err) from None
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    _set_dotted(out, key, value)
+    return out
+
+
+def env_table_markdown() -> str:
+    """The documented mapping of upstream variables (rendered into docs/config.md)."""
+    rows = ["| upstream variable | config key | how it is read |", "|---|---|---|"]
+    for name, (key, kind) in UPSTREAM_ENV.items():
+        rows.append(f"| `{name}` | `{key}` | {kind} |")
+    return "\n".join(rows)
