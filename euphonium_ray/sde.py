@@ -1,0 +1,332 @@
+"""Sampling maths of Euphonium: schedule, SDE drift, reward-gradient guidance (RGG), transition log-prob.
+
+Pure functions on tensors, batched over samples (dim 0). Conventions (DESIGN.md section 3):
+``x_σ = (1−σ)·x0 + σ·ε`` (σ=1 noise, σ=0 clean), the network predicts ``v ≈ ε − x0``, and ``x̂0 = x − σ·v``.
+A step goes σ → σ_next with ``Δt = σ − σ_next > 0``.
+
+Every ``sigma``-like argument may be a python float, a 0-d tensor or a per-sample tensor of shape (B,); it is
+broadcast over the remaining dims of ``x`` by :func:`expand_per_sample`. Maths runs in fp32 even when inputs
+are bf16/fp16 (the drift subtracts nearly equal numbers), and results are fp32 (fp64 inputs stay fp64, so
+finite-difference tests can run in double precision).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NoiseType",
+    "ScalarLike",
+    "SDEStepOutput",
+    "compute_dtype",
+    "diffusion_coefficient",
+    "expand_per_sample",
+    "flow_sigma_1",
+    "guidance_shift",
+    "guided_mean",
+    "in_window",
+    "kl_mode_scale",
+    "network_timestep",
+    "predicted_x0",
+    "sde_step",
+    "sigma_schedule",
+    "step_std",
+    "transition_log_prob",
+    "unguided_mean",
+]
+
+NoiseType = Literal["dance", "flow", "ode"]
+ScalarLike = Union[float, int, Tensor]
+_NOISE_TYPES = ("dance", "flow", "ode")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def compute_dtype(*values: object) -> torch.dtype:
+    """The dtype the maths runs in: at least fp32 (bf16/fp16/int promote to fp32), fp64 stays fp64."""
+    dtypes = [v.dtype for v in values if isinstance(v, Tensor)]
+    return reduce(torch.promote_types, dtypes, torch.float32)
+
+
+def _as_tensor(value: ScalarLike, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(dtype=dtype, device=device if device is not None else value.device)
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def expand_per_sample(value: ScalarLike, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Make a scalar / 0-d / per-sample (B,) value broadcast against ``x`` of shape (B, ...).
+
+    A (B,) tensor becomes (B, 1, ..., 1); a scalar becomes a 0-d tensor; a tensor with ``x.ndim`` dims is
+    returned as is (it must already broadcast). The result has ``dtype`` (default: the maths dtype of
+    ``value`` and ``x``) and lives on ``x``'s device.
+    """
+    dtype = dtype or compute_dtype(value, x)
+    t = _as_tensor(value, dtype, x.device)
+    if t.ndim == 0 or t.ndim == x.ndim:
+        return t
+    if t.ndim == 1:
+        if x.ndim == 0 or t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"per-sample value has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}")
+        return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+    raise ValueError(f"cannot broadcast a value of shape {tuple(t.shape)} per sample over x {tuple(x.shape)}")
+
+
+def _check_noise_type(noise_type: str) -> None:
+    if noise_type not in _NOISE_TYPES:
+        raise ValueError(f"noise_type must be one of {_NOISE_TYPES}, got {noise_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def sigma_schedule(num_steps: int, shift: float) -> Tensor:
+    """SD3 time-shifted schedule ``σ_i = s·τ/(1+(s−1)·τ)``, ``τ = linspace(1, 0, N+1)``; float32 (N+1,).
+
+    Computed in fp64 and rounded once, so σ_0 = 1 and σ_N = 0 exactly.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    tau = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * tau / (1.0 + (shift - 1.0) * tau)).to(torch.float32)
+
+
+def flow_sigma_1(schedule: Tensor) -> float:
+    """The schedule's second value σ_1, which Flow-GRPO substitutes for σ=1 in ``σ/(1−σ)``."""
+    if schedule.numel() < 2:
+        raise ValueError("a schedule needs at least two values")
+    return float(schedule[1])
+
+
+def network_timestep(sigma: ScalarLike) -> Tensor:
+    """The integer timestep the network sees: ``int(1000·σ)``, truncated (0.5357… → 535), as a long tensor.
+
+    The product is taken in fp64 so that it matches python's ``int(float(σ)*1000)`` on fp32 schedules.
+    """
+    if isinstance(sigma, Tensor):
+        s = sigma.detach().to(torch.float64)
+    else:
+        s = torch.tensor(float(sigma), dtype=torch.float64)
+    return torch.trunc(s * 1000.0).to(torch.long)
+
+
+# ------------------------------------------------------------------------------------------------ drift
+def diffusion_coefficient(
+    sigma: ScalarLike,
+    noise_type: NoiseType,
+    eta: float = 0.25,
+    flow_a: float = 0.7,
+    sigma_1: float | None = None,
+) -> Tensor:
+    """Diffusion coefficient g(σ) of the sampler, with the shape of ``sigma``.
+
+    ``dance`` (DanceGRPO/Euphonium): constant η. ``flow`` (Flow-GRPO): ``a·√(σ/(1−σ))``; it is infinite at
+    σ=1, so, like Flow-GRPO, σ_1 (the schedule's second value) replaces σ in the denominator there.
+    ``ode``: 0 (deterministic Euler).
+    """
+    _check_noise_type(noise_type)
+    s = _as_tensor(sigma, compute_dtype(sigma))
+    if noise_type == "ode":
+        return torch.zeros_like(s)
+    if noise_type == "dance":
+        return torch.full_like(s, float(eta))
+    at_one = s == 1
+    if sigma_1 is None:
+        if bool(at_one.any()):
+            raise ValueError("noise_type='flow' at sigma == 1 needs sigma_1 (see flow_sigma_1(schedule))")
+        denom = 1 - s
+    else:
+        denom = 1 - torch.where(at_one, torch.as_tensor(float(sigma_1), dtype=s.dtype, device=s.device), s)
+    return float(flow_a) * torch.sqrt(s / denom)
+
+
+def predicted_x0(x: Tensor, v: Tensor, sigma: ScalarLike) -> Tensor:
+    """``x̂0 = x − σ·v``: the clean sample the flow points at (fp32)."""
+    dtype = compute_dtype(x, v, sigma)
+    return x.to(dtype) - expand_per_sample(sigma, x, dtype) * v.to(dtype)
+
+
+def unguided_mean(
+    x: Tensor,
+    v: Tensor,
+    sigma: ScalarLike,
+    sigma_next: ScalarLike,
+    noise_type: NoiseType,
+    eta: float = 0.25,
+    flow_a: float = 0.7,
+    sigma_1: float | None = None,
+) -> Tensor:
+    """Mean of the unguided transition: ``μ = x − Δt·v − ½g²·Δt·(x + (1−σ)·v)/σ``.
+
+    The last term is the reverse-SDE score correction: the flow's score is ``−(x + (1−σ)v)/σ``, and adding
+    ``½g²·score`` to the drift keeps the marginals of the ODE while injecting noise of std ``g√Δt``. For
+    ``ode`` (g=0) this is the Euler step. At σ=0 the correction is undefined; it is taken as 0 (Euler)
+    instead of dividing by zero (a sampler never starts a step at σ=0).
+    """
+    _check_noise_type(noise_type)
+    dtype = compute_dtype(x, v, sigma, sigma_next)
+    x32, v32 = x.to(dtype), v.to(dtype)
+    s = expand_per_sample(sigma, x32, dtype)
+    dt = s - expand_per_sample(sigma_next, x32, dtype)
+    mean = x32 - dt * v32
+    if noise_type == "ode":
+        return mean
+    g = diffusion_coefficient(s, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1)
+    positive = s > 0
+    safe_s = torch.where(positive, s, torch.ones_like(s))
+    correction = 0.5 * g**2 * dt * (x32 + (1 - s) * v32) / safe_s
+    return mean - torch.where(positive, correction, torch.zeros_like(correction))
+
+
+def step_std(
+    sigma: ScalarLike,
+    sigma_next: ScalarLike,
+    noise_type: NoiseType,
+    eta: float = 0.25,
+    flow_a: float = 0.7,
+    sigma_1: float | None = None,
+) -> Tensor:
+    """Std of the transition noise, ``g·√Δt``, with the shape of ``sigma`` (0 for ``ode``)."""
+    dtype = compute_dtype(sigma, sigma_next)
+    s = _as_tensor(sigma, dtype)
+    dt = s - _as_tensor(sigma_next, dtype, s.device)
+    g = diffusion_coefficient(s, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1)
+    return g * torch.sqrt(dt)
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+def kl_mode_scale(eta: float, beta: float) -> float:
+    """Guidance scale of "KL mode": ``c = η²/(2β)``, the tilt toward ``exp(r/β)`` for diffusion η."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return eta**2 / (2.0 * beta)
+
+
+def guidance_shift(
+    grad: Tensor,
+    scale: ScalarLike,
+    dt: ScalarLike,
+    delta_t_scaling: bool,
+    normalize: bool,
+) -> Tensor:
+    """The RGG shift added to the mean: ``c·(Δt if delta_t_scaling else 1)·g``.
+
+    With ``normalize`` the gradient is first divided by its **per-sample** norm (over all non-batch dims),
+    ``g/(‖g‖+1e-8)``. Upstream divides by the norm of the whole batch tensor; that only coincides at batch 1
+    (upstream's rollouts), and it would let one sample's gradient shrink another's, so we normalise per sample.
+    """
+    dtype = compute_dtype(grad, scale, dt)
+    g = grad.to(dtype)
+    if normalize:
+        dims = tuple(range(1, g.ndim))
+        norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True) if dims else g.abs()
+        g = g / (norm + 1e-8)
+    factor = expand_per_sample(scale, g, dtype)
+    if delta_t_scaling:
+        factor = factor * expand_per_sample(dt, g, dtype)
+    return factor * g
+
+
+def guided_mean(
+    mean: Tensor,
+    grad: Tensor,
+    scale: ScalarLike,
+    dt: ScalarLike,
+    delta_t_scaling: bool = True,
+    normalize: bool = False,
+) -> Tensor:
+    """RGG: ``μ_guided = μ + guidance_shift(g, c, Δt)``, pushing the mean uphill on the reward."""
+    shift = guidance_shift(grad, scale, dt, delta_t_scaling, normalize)
+    return mean.to(compute_dtype(mean, shift)) + shift
+
+
+def in_window(step: int, start: int, end: int | None, interval: int, num_steps: int) -> bool:
+    """Whether step ``step`` gets guidance: ``start ≤ step < end`` and ``(step − start) % interval == 0``.
+
+    ``end`` None or negative means ``num_steps`` (upstream's ``END_STEP=-1``).
+    """
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    stop = num_steps if end is None or end < 0 else end
+    return start <= step < stop and (step - start) % interval == 0
+
+
+# ---------------------------------------------------------------------------------------------- log-prob
+def transition_log_prob(
+    x_next: Tensor,
+    mean: Tensor,
+    std: ScalarLike,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> Tensor:
+    """Gaussian log density ``log N(x_next; mean, std²)`` per element (constants included), reduced over all
+    non-batch dims: ``mean`` (upstream; scale independent of the latent size) or ``sum`` (a true log-likelihood).
+
+    ``x_next`` is detached: the sample is data, gradients flow through ``mean`` (and ``std``). Returns (B,).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    dtype = compute_dtype(x_next, mean, std)
+    xn = x_next.detach().to(dtype)
+    mu = mean.to(dtype)
+    sd = expand_per_sample(std, mu, dtype)
+    lp = -((xn - mu) ** 2) / (2 * sd**2) - torch.log(sd) - 0.5 * math.log(2 * math.pi)
+    lp = lp.expand(torch.broadcast_shapes(lp.shape, xn.shape))
+    dims = tuple(range(1, lp.ndim))
+    if not dims:
+        return lp
+    return lp.mean(dim=dims) if reduction == "mean" else lp.sum(dim=dims)
+
+
+# ------------------------------------------------------------------------------------------------- step
+@dataclass
+class SDEStepOutput:
+    """One transition: the sample, both means, the noise std (shape of ``sigma``) and the log-prob (B,)."""
+
+    x_next: Tensor
+    mean_unguided: Tensor
+    mean_guided: Tensor
+    std: Tensor
+    log_prob: Tensor
+
+
+def sde_step(
+    x: Tensor,
+    v: Tensor,
+    sigma: ScalarLike,
+    sigma_next: ScalarLike,
+    *,
+    noise_type: NoiseType = "dance",
+    eta: float = 0.25,
+    flow_a: float = 0.7,
+    sigma_1: float | None = None,
+    guidance: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    logprob_mean: Literal["unguided", "guided"] = "unguided",
+    reduction: Literal["mean", "sum"] = "mean",
+) -> SDEStepOutput:
+    """One sampler step: ``x' = μ_guided + std·ξ`` and its log-prob under the chosen reference mean.
+
+    ``guidance`` is the already-computed shift (e.g. :func:`guidance_shift`, RGG plus SPSA), added to the
+    unguided mean. By default the log-prob uses the **unguided** mean (upstream): the policy being trained
+    is the unguided kernel, evaluated on guided transitions. ``noise`` (ξ) is drawn with ``generator`` when
+    not given. For ``ode`` std is 0, ``x' = μ_guided`` and the log-prob is zeros (a point mass has none).
+    """
+    if logprob_mean not in ("unguided", "guided"):
+        raise ValueError(f"logprob_mean must be 'unguided' or 'guided', got {logprob_mean!r}")
+    mu = unguided_mean(x, v, sigma, sigma_next, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1)
+    mu_g = mu if guidance is None else mu + guidance.to(mu.dtype)
+    std = step_std(sigma, sigma_next, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1).to(mu.device)
+    if noise_type == "ode":
+        return SDEStepOutput(mu_g, mu, mu_g, std, torch.zeros(x.shape[0], dtype=mu.dtype, device=mu.device))
+    if noise is None:
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    x_next = mu_g + expand_per_sample(std, mu, mu.dtype) * noise.to(mu.dtype)
+    ref = mu if logprob_mean == "unguided" else mu_g
+    log_prob = transition_log_prob(x_next, ref, std, reduction=reduction)
+    return SDEStepOutput(x_next, mu, mu_g, std, log_prob)
