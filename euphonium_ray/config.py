@@ -32,7 +32,7 @@ class ModelConfig(Section):
     checkpoint: str | None = None  # a diffusers transformer folder to load over path/transformer
     embedded_guidance: float = 6018.0
     dtype: Literal["fp32", "bf16"] = "bf16"
-    trainable: Literal["full", "lora"] = "full"
+    trainable: Literal["full", "lora", "none"] = "full"
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
     gradient_checkpointing: bool = False
@@ -188,15 +188,57 @@ class OutputConfig(Section):
 
 
 class ToyConfig(Section):
-    """Knobs of the synthetic shapes world (euphonium_ray/toy); unused for real models."""
+    """Knobs of the synthetic shapes world (euphonium_ray/toy); unused for real models.
+
+    World: ``frames`` frames of ``size``×``size`` RGB, one shape of (equal-area) radius ``radius``·size moving
+    ``speed``·size pixels per frame. Latents: pixel-unshuffle by ``latent_factor``, then ``(x − latent_shift)·
+    latent_scale``. The policy/text-encoder widths and the pretraining schedule live here too, so the whole toy
+    (task difficulty, sizes, seeds) is set from the config, not from code.
+    """
 
     frames: int = Field(default=8, ge=2)
-    size: int = Field(default=32, ge=8)
+    size: int = Field(default=24, ge=8)
     shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle"])
     colors: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow"])
     directions: list[str] = Field(default_factory=lambda: ["left", "right", "up", "down"])
     num_prompts: int = Field(default=48, ge=1)
     seed: int = 0
+    radius: tuple[float, float] = (0.16, 0.2)  # fraction of size (radius of the equal-area circle)
+    speed: tuple[float, float] = (0.035, 0.045)  # fraction of size per frame
+    latent_factor: int = Field(default=4, ge=1)
+    latent_shift: float = -0.9
+    latent_scale: float = 2.5
+    # text side (random-init encoders at these widths)
+    text_dim: int = Field(default=64, ge=8)
+    pooled_dim: int = Field(default=32, ge=4)
+    text_layers: int = Field(default=3, ge=3)
+    text_max_tokens: int = Field(default=16, ge=4)
+    # policy (diffusers HunyuanVideoTransformer3DModel at a tiny config)
+    heads: int = Field(default=3, ge=1)
+    head_dim: int = Field(default=32, ge=8)
+    dual_layers: int = Field(default=2, ge=0)
+    single_layers: int = Field(default=2, ge=0)
+    refiner_layers: int = Field(default=1, ge=1)
+    mlp_ratio: float = Field(default=2.0, gt=0)
+    # flow-matching pretraining (euphonium-ray toy pretrain)
+    pretrain_steps: int = Field(default=3000, ge=1)
+    pretrain_batch: int = Field(default=16, ge=1)
+    pretrain_lr: float = Field(default=1e-3, gt=0)
+    pretrain_warmup: int = Field(default=100, ge=0)
+    pretrain_seed: int = 0
+    pretrain_sigma: Literal["logit_normal", "schedule"] = "logit_normal"
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> "ToyConfig":
+        for name in ("radius", "speed"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"toy.{name} must be a range [low, high] with 0 < low <= high, got [{lo}, {hi}]")
+        if self.size % self.latent_factor:
+            raise ValueError(f"toy.size={self.size} is not divisible by toy.latent_factor={self.latent_factor}")
+        if self.pooled_dim > self.text_dim:
+            raise ValueError(f"toy.pooled_dim={self.pooled_dim} exceeds toy.text_dim={self.text_dim}")
+        return self
 
 
 class RunConfig(Section):
@@ -221,6 +263,8 @@ class RunConfig(Section):
         n = self.sampler.num_steps
         for name in ("rgg", "spsa"):
             win: GuidanceWindow = getattr(self, name)
+            if not win.enabled:
+                continue
             if win.start >= n:
                 raise ValueError(f"{name}.start={win.start} is past the last sampling step (sampler.num_steps={n})")
             if win.end is not None and win.end >= 0 and win.end <= win.start:
