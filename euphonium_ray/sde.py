@@ -325,7 +325,8 @@ def sde_step(
     if noise_type == "ode":
         return SDEStepOutput(mu_g, mu, mu_g, std, torch.zeros(x.shape[0], dtype=mu.dtype, device=mu.device))
     if noise is None:
-        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        where = generator.device if generator is not None else mu.device  # same draws on CPU and GPU
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=where).to(mu.device)
     x_next = mu_g + expand_per_sample(std, mu, mu.dtype) * noise.to(mu.dtype)
     ref = mu if logprob_mean == "unguided" else mu_g
     log_prob = transition_log_prob(x_next, ref, std, reduction=reduction)

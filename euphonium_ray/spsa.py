@@ -43,7 +43,8 @@ def spsa_gradient(
     x = x0_hat.detach().to(dtype)
     batch = x.shape[0]
     # u: (n, B, ...) one direction per sample and draw.
-    u = torch.randn((num_samples, *x.shape), generator=generator, dtype=dtype, device=x.device)
+    where = generator.device if generator is not None else x.device
+    u = torch.randn((num_samples, *x.shape), generator=generator, dtype=dtype, device=where).to(x.device)
     plus = (x.unsqueeze(0) + delta * u).reshape(num_samples * batch, *x.shape[1:])
     minus = (x.unsqueeze(0) - delta * u).reshape(num_samples * batch, *x.shape[1:])
     points = torch.cat([plus, minus], dim=0)
