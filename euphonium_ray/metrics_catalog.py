@@ -26,7 +26,7 @@ class MetricSpec:
     @property
     def exported_name(self) -> str:
         """The name Prometheus sees (Ray prefixes application metrics with ``ray_``)."""
-        suffix = "_total" if self.kind == "counter" else ""
+        suffix = "_total" if self.kind == "counter" and not self.name.endswith("_total") else ""
         return f"ray_{self.name}{suffix}"
 
 
@@ -36,7 +36,7 @@ METRICS: tuple[MetricSpec, ...] = (
     # rewards
     MetricSpec("euphonium_reward_orm_mean", "gauge", "Mean pixel ORM reward of the step's rollouts", ("mode",), "", "rewards"),
     MetricSpec("euphonium_reward_orm_std", "gauge", "Std of the ORM reward over the step's rollouts", ("mode",), "", "rewards"),
-    MetricSpec("euphonium_reward_prm_mean", "gauge", "Mean latent PRM score of the final x̂0 (latent outcome)", ("mode",), "", "rewards"),
+    MetricSpec("euphonium_reward_prm_mean", "gauge", "Mean latent PRM score of the final predicted x0 (latent outcome)", ("mode",), "", "rewards"),
     MetricSpec("euphonium_process_reward", "gauge", "Mean PRM process reward at a sampling step", ("sde_step",), "", "rewards"),
     MetricSpec("euphonium_eval_reward_orm", "gauge", "ORM reward of unguided ODE samples on held-out prompts", (), "", "rewards"),
     # learner
