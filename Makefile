@@ -10,9 +10,14 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv vllm-env clean
 
 venv: $(STAMP)
+
+# vLLM (CPU build) lives in its own environment: it pins transformers below what the project uses.
+VLLM_VENV ?= .venv-vllm
+vllm-env:
+	bash scripts/vllm_env.sh $(VLLM_VENV)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/euphonium-ray train --config configs/toy.yaml
 
 # Ray binds the machine's address; where we may, the tests run in a loopback-only network namespace.
-test: $(STAMP)
+test: $(STAMP) vllm-env
 	sh scripts/loopback.sh $(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
