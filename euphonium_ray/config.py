@@ -221,7 +221,7 @@ class ToyConfig(Section):
     refiner_layers: int = Field(default=1, ge=1)
     mlp_ratio: float = Field(default=2.0, gt=0)
     # flow-matching pretraining (euphonium-ray toy pretrain)
-    pretrain_steps: int = Field(default=3000, ge=1)
+    pretrain_steps: int = Field(default=4000, ge=1)
     pretrain_batch: int = Field(default=16, ge=1)
     pretrain_lr: float = Field(default=1e-3, gt=0)
     pretrain_warmup: int = Field(default=100, ge=0)
