@@ -1,0 +1,158 @@
+"""The rollout worker: a frozen policy copy that samples guided SDE trajectories for groups of prompts.
+
+Thin by design: it holds the policy (bf16 on GPU, fp32 on CPU), a PRM copy when ``prm.placement: colocated``
+(else it calls the PRM pool), and calls ``sampling.sample_trajectories`` on the whole batch of groups at once.
+Before sampling it loads the exact weight version the driver asks for and refuses a version older than the
+mode allows (``StaleWeightsError``: 0 steps behind in ``sync``, 1 in ``async``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+import torch
+
+from actors.common import actor_device, config_from, load_policy, load_prm, set_threads
+from actors.weights import StaleWeightsError, make_weight_sync, state_digest
+from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.sampling import make_generators, sample_latents, sample_trajectories
+
+__all__ = ["RolloutWorker", "max_staleness"]
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def max_staleness(mode: str) -> int:
+    """How many learner steps the weights a rollout uses may lag: 0 on-policy (sync), 1 in async."""
+    return 0 if mode == "sync" else 1
+
+
+@ray.remote
+class RolloutWorker:
+    """Samples trajectories for the driver; ``index`` is its rank among rollout workers (collective rank index+1)."""
+
+    def __init__(self, cfg: dict[str, Any], index: int, weight_store: Any, *, prm_pool: Any = None,
+                 orm_pool: Any = None, sync_backend: str = "object_store", num_workers: int = 1,
+                 gpus: float = 0.0, cpus: float = 1.0) -> None:
+        set_threads(cpus)
+        self.cfg = config_from(cfg)
+        self.index = index
+        self.device = actor_device(gpus)
+        self.policy = load_policy(self.cfg, "rollout", self.device)
+        self.prm = None
+        if self.cfg.rgg.enabled and self.cfg.rewards.prm.placement == "colocated":
+            self.prm = load_prm(self.cfg, self.device)
+        self.prm_pool = prm_pool
+        self.orm_pool = orm_pool
+        self.sync = make_weight_sync(sync_backend, weight_store, rank=index + 1, world_size=num_workers + 1,
+                                     device=str(self.device))
+        self.version = -1
+        self.sampled = 0
+        self.metrics = None
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "device": str(self.device), "version": self.version, "index": self.index}
+
+    # ----------------------------------------------------------------------------------------- weights
+    def load_weights(self, version: int, timeout_s: float = 600.0) -> dict[str, float]:
+        """Make the policy exactly ``version`` (waiting for the learner to publish it)."""
+        t0 = time.perf_counter()
+        if version == self.version:
+            return {"version": float(self.version), "seconds": 0.0}
+        got, state = self.sync.fetch(version, self.version, timeout_s)
+        if got != version:
+            raise StaleWeightsError(f"rollout worker {self.index}: asked for weight version {version}, got {got}")
+        if state is not None:
+            self.policy.load_sync_state_dict(state)
+        self.version = got
+        self._metric("euphonium_weight_version", float(got))
+        return {"version": float(self.version), "seconds": time.perf_counter() - t0}
+
+    def _metric(self, name: str, value: float) -> None:
+        if self.metrics is None:
+            from euphonium_ray.metrics import RayMetrics
+
+            self.metrics = RayMetrics("rollout")
+        self.metrics.record(name, value)
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def param_digest(self) -> tuple[int, str]:
+        """(version, hash of the broadcast tensors): equal to the learner's digest means identical weights."""
+        return self.version, state_digest(self.policy.sync_state_dict())
+
+    # ---------------------------------------------------------------------------------------- sampling
+    def _prm(self):
+        if not self.cfg.rgg.enabled:
+            return None
+        if self.prm is not None:
+            return self.prm
+        if self.prm_pool is None:
+            raise ValueError("rgg.enabled with prm.placement=pool but no PRM pool was given to the rollout worker")
+        return self.prm_pool.prm_callable()
+
+    def _spsa_score_fn(self, captions: list[str]):
+        if not self.cfg.spsa.enabled:
+            return None
+        if self.orm_pool is None:
+            raise ValueError("spsa.enabled but no ORM pool was given to the rollout worker")
+
+        def score(points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            caps = [captions[int(r)] for r in rows]
+            return self.orm_pool.map_rows("score_latents", points.detach().cpu(), caps).to(points.device)
+
+        return score
+
+    def sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Sample the request's groups. Request: ``step``, ``version``, ``cond`` (dict, B rows, groups contiguous),
+        ``captions``, ``prompt_indices``, ``seeds`` (B,), ``latent_shape``."""
+        step, version = int(request["step"]), int(request["version"])
+        allowed = step - max_staleness(self.cfg.cluster.mode)
+        if version < allowed:
+            raise StaleWeightsError(
+                f"rollout worker {self.index}: step {step} in {self.cfg.cluster.mode} mode needs weight version "
+                f"≥ {allowed}, was asked to sample with {version}"
+            )
+        sync = self.load_weights(version)
+        timings: dict[str, float] = {"weights": sync["seconds"]}
+        t0 = time.perf_counter()
+        cond = TextConditioning.from_dict(request["cond"]).to(self.device)
+        captions = list(request["captions"])
+        traj = sample_trajectories(
+            self.policy, cond,
+            sampler=self.cfg.sampler, rgg=self.cfg.rgg, spsa=self.cfg.spsa, prm=self._prm(),
+            spsa_score_fn=self._spsa_score_fn(captions),
+            latent_shape=request["latent_shape"], group_size=self.cfg.sampler.group_size,
+            generator=make_generators(request["seeds"], device=self.device),
+            same_initial_noise=self.cfg.sampler.same_initial_noise,
+            logprob_mean=self.cfg.optim.logprob_mean, reduction=self.cfg.optim.logprob_reduction,
+            prompt_indices=request["prompt_indices"], sample_seeds=request["seeds"], captions=captions,
+            weight_version=self.version, timings=timings,
+        )
+        timings["sample"] = time.perf_counter() - t0
+        self.sampled += traj.batch_size
+        self._metric("euphonium_videos_total", float(traj.batch_size))
+        self._metric("euphonium_rss_bytes", float(_rss_bytes()))
+        gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        self._metric("euphonium_gpu_memory_bytes", float(gpu))
+        return {"traj": traj.cpu().to_dict(), "timings": timings, "worker": self.index, "pid": os.getpid()}
+
+    def evaluate(self, request: dict[str, Any]) -> torch.Tensor:
+        """Plain ODE samples (what inference uses, no PRM) with weight ``version``: final latents (B, ...)."""
+        self.load_weights(int(request["version"]))
+        cond = TextConditioning.from_dict(request["cond"]).to(self.device)
+        x = sample_latents(self.policy, cond, latent_shape=request["latent_shape"],
+                           num_steps=self.cfg.sampler.num_steps, shift=self.cfg.sampler.shift, noise_type="ode",
+                           generator=make_generators(request["seeds"], device=self.device))
+        return x.cpu()

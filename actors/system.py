@@ -1,0 +1,228 @@
+"""The running system as the driver sees it: one method per phase of a training step.
+
+``TrainingSystem`` owns the weight store, the role actors and the learner. Its phases are ``rollout`` (groups
+split over the rollout workers), ``score`` (ORM pool, and the PRM pool for the latent outcome reward), ``learn``
+(shards to the Ray Train learner), ``broadcast`` (every rollout worker loads the new version) and ``evaluate``
+(plain ODE samples scored by the ORM). A call to a rollout worker that dies mid-step is retried on the
+restarted actor (Ray restarts it, ``max_restarts``) with the same request, whose per-sample seeds make the
+retried samples identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+import torch
+from torch import Tensor
+
+from actors.learner import start_learner
+from actors.placement import RoleActors, needs_prm_pool, start_roles
+from actors.reward import RETRYABLE, ScorerPool
+from actors.weights import WeightStore
+from euphonium_ray.config import RunConfig
+from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.sampling import sample_seed
+from euphonium_ray.trajectory import Trajectories
+
+__all__ = ["StepBatch", "TrainingSystem", "prompts_for_step", "seeds_for"]
+
+
+def prompts_for_step(step: int, num_prompts: int, per_step: int, seed: int) -> list[int]:
+    """Prompt indices of a step: consecutive slices of a per-epoch permutation (a pure function of step)."""
+    out = []
+    for q in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(q, num_prompts)
+        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def seeds_for(run_seed: int, step: int, prompts: list[int], group_size: int, num_prompts: int) -> list[int]:
+    """Per-sample seeds from (run seed, step, prompt, member); a prompt repeated within a step gets new ones."""
+    seen: dict[int, int] = {}
+    seeds = []
+    for p in prompts:
+        key = p + num_prompts * seen.get(p, 0)
+        seen[p] = seen.get(p, 0) + 1
+        seeds.extend(sample_seed(run_seed, step, key, m) for m in range(group_size))
+    return seeds
+
+
+@dataclass
+class StepBatch:
+    """A step's rollouts and their outcome rewards."""
+
+    step: int
+    version: int
+    traj: Trajectories
+    orm: Tensor
+    latent: Tensor | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingSystem:
+    """Start with ``TrainingSystem(cfg, dataset, latent_shape, ...)``; stop with ``close()``."""
+
+    def __init__(self, cfg: RunConfig, conditioning: Callable[[list[int]], tuple[TextConditioning, list[str]]],
+                 num_prompts: int, latent_shape: tuple[int, ...], *, resume: str | None, sync_backend: str,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.conditioning, self.num_prompts = cfg, conditioning, num_prompts
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.log = log
+        self.retries = cfg.cluster.max_task_retries
+        self.store = WeightStore.remote()
+        self.roles: RoleActors | None = None
+        self.learner = None
+        try:
+            # the learner (Ray Train start-up) and the role actors (model loading) start concurrently
+            self.learner = start_learner(cfg, store=self.store, resume=resume, sync_backend=sync_backend,
+                                         storage_path=str(cfg.output.dir) + "/ray_train", run_name="learner")
+            self.roles = start_roles(cfg, self.store, sync_backend=sync_backend)
+            self.orm_pool = ScorerPool(self.roles.orm, self.retries)
+            self.prm_pool = ScorerPool(self.roles.prm, self.retries) if self.roles.prm else None
+            self.ready = self.learner.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def rollout_workers(self) -> list[Any]:
+        assert self.roles is not None
+        return self.roles.rollout
+
+    # ------------------------------------------------------------------------------------- fault tolerance
+    def _call(self, worker_index: int, method: str, *args: Any) -> Any:
+        """Call a rollout worker and wait; if the actor died mid-call, wait for its restart and call again."""
+        for attempt in range(self.retries + 1):
+            worker = self.rollout_workers[worker_index]
+            try:
+                return ray.get(getattr(worker, method).remote(*args))
+            except RETRYABLE as exc:
+                if attempt == self.retries:
+                    raise
+                self.log(f"rollout worker {worker_index} failed during {method} ({type(exc).__name__}); retrying")
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    def _gather(self, method: str, requests: list[dict[str, Any]]) -> list[Any]:
+        """Send one request per worker in parallel; retry any whose actor died."""
+        refs = [getattr(self.rollout_workers[i], method).remote(r) for i, r in enumerate(requests)]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except RETRYABLE as exc:
+                self.log(f"rollout worker {i} failed during {method} ({type(exc).__name__}); retrying on its restart")
+                out.append(self._call(i, method, requests[i]))
+        return out
+
+    # ---------------------------------------------------------------------------------------------- phases
+    def _requests(self, step: int, version: int, prompts: list[int]) -> list[dict[str, Any]]:
+        g = self.cfg.sampler.group_size
+        cond, captions = self.conditioning(prompts)
+        cond = cond.repeat_interleave(g)
+        captions = [c for c in captions for _ in range(g)]
+        prompt_rows = [p for p in prompts for _ in range(g)]
+        seeds = seeds_for(self.cfg.seed, step, prompts, g, self.num_prompts)
+        chunks = torch.arange(len(prompts)).tensor_split(min(len(self.rollout_workers), len(prompts)))
+        requests = []
+        for groups in chunks:
+            rows = (groups.unsqueeze(1) * g + torch.arange(g)).reshape(-1)
+            idx = rows.tolist()
+            requests.append({
+                "step": step, "version": version, "cond": cond.index(rows).as_dict(),
+                "captions": [captions[i] for i in idx], "prompt_indices": [prompt_rows[i] for i in idx],
+                "seeds": [seeds[i] for i in idx], "latent_shape": self.latent_shape,
+            })
+        return requests
+
+    def rollout(self, step: int, version: int, prompts: list[int]) -> tuple[Trajectories, dict[str, float]]:
+        results = self._gather("sample", self._requests(step, version, prompts))
+        traj = Trajectories.cat([Trajectories.from_dict(r["traj"]) for r in results])
+        timings: dict[str, float] = {}
+        for r in results:  # workers run in parallel: the slowest one is the phase's critical path
+            for k, v in r["timings"].items():
+                timings[k] = max(timings.get(k, 0.0), v)
+        return traj, timings
+
+    def score(self, traj: Trajectories) -> tuple[Tensor, Tensor | None]:
+        """(ORM rewards (B,), latent outcome rewards (B,) or None); NaN where a scorer could not judge."""
+        orm = self.orm_pool.map_rows("score_latents", traj.x0_hat_final, traj.captions)
+        latent = None
+        if self.prm_pool is not None and self.cfg.rewards.latent_outcome:
+            latent = self.prm_pool.map_rows("score_clean", traj.x0_hat_final, traj.cond.as_dict())
+        return orm, latent
+
+    def rollout_and_score(self, step: int, version: int, prompts: list[int]) -> StepBatch:
+        t0 = time.perf_counter()
+        traj, timings = self.rollout(step, version, prompts)
+        t1 = time.perf_counter()
+        orm, latent = self.score(traj)
+        timings.update(rollout=t1 - t0, reward=time.perf_counter() - t1)
+        return StepBatch(step, version, traj, orm, latent, timings)
+
+    def submit_learning(self, step: int, traj: Trajectories, terms: list[tuple[float, Tensor]]) -> None:
+        """Split the kept groups evenly over the learner ranks and hand them over (non-blocking)."""
+        assert self.learner is not None
+        ranks = self.cfg.cluster.num_learners
+        usable = (traj.num_groups // ranks) * ranks
+        if usable < traj.num_groups:
+            self.log(f"step {step}: {traj.num_groups - usable} group(s) left out to split evenly over {ranks} learners")
+        shards = []
+        per = usable // ranks
+        for r in range(ranks):
+            groups = list(range(r * per, (r + 1) * per))
+            rows = (torch.tensor(groups, dtype=torch.long).unsqueeze(1) * traj.group_size
+                    + torch.arange(traj.group_size)).reshape(-1)
+            part = traj.select(rows) if groups else None
+            shard = {"traj": part.to_dict() if part is not None else None,
+                     "terms": [(w, a[rows]) for w, a in terms] if groups else []}
+            shards.append([ray.put(shard)])
+        self.learner.submit(step, shards)
+
+    def learning_result(self, step: int) -> dict[str, Any]:
+        assert self.learner is not None
+        return self.learner.result(step)
+
+    def broadcast(self, version: int) -> dict[str, float]:
+        """Every rollout worker loads ``version``; returns the slowest worker's seconds."""
+        t0 = time.perf_counter()
+        refs = [w.load_weights.remote(version) for w in self.rollout_workers]
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except RETRYABLE:
+                self._call(i, "load_weights", version)
+        return {"seconds": time.perf_counter() - t0}
+
+    def evaluate(self, version: int, prompts: list[int], seed: int) -> Tensor:
+        """ORM rewards of plain ODE samples (one per prompt, fixed seeds) with weight ``version``."""
+        cond, captions = self.conditioning(prompts)
+        chunks = torch.arange(len(prompts)).tensor_split(min(len(self.rollout_workers), len(prompts)))
+        requests = [{"version": version, "cond": cond.index(c).as_dict(), "latent_shape": self.latent_shape,
+                     "seeds": [sample_seed(seed, -1, int(prompts[i]), 0) for i in c.tolist()]} for c in chunks]
+        latents = torch.cat(self._gather("evaluate", requests))
+        return self.orm_pool.map_rows("score_latents", latents, captions)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.orm_pool.run("decode", latents)
+
+    def worker_digests(self) -> list[tuple[int, str]]:
+        return [self._call(i, "param_digest") for i in range(len(self.rollout_workers))]
+
+    def close(self) -> None:
+        if self.learner is not None:
+            try:
+                self.learner.close()
+            finally:
+                self.learner = None
+        if self.roles is not None:
+            self.roles.shutdown()
+            self.roles = None
+
+
+def needs_latent_scores(cfg: RunConfig) -> bool:
+    return needs_prm_pool(cfg) and cfg.rewards.latent_outcome

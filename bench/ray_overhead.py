@@ -1,0 +1,145 @@
+"""What running through Ray costs: the same training steps in one process vs on local Ray, side by side.
+
+Both paths call the same library functions with the same config and seeds: ``sample_trajectories`` (RGG with the
+PRM), codec decode + ORM, the latent-outcome PRM score, ``compute_advantages``, ``grpo_update`` and a weight load
+into the rollout copy. The in-process path times each phase around those calls; the Ray path is
+``driver.train`` (rollout worker, reward pools, Ray Train learner, weight store) and reports the same phases.
+Steps after the first (``--warmup``) are averaged. Prints a table and writes JSON.
+
+    .venv/bin/python bench/ray_overhead.py --config configs/toy.yaml --steps 4 --out outputs/bench/ray_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from actors.common import build_orm, load_codec_for, load_policy, load_prm  # noqa: E402
+from actors.system import prompts_for_step, seeds_for  # noqa: E402
+from euphonium_ray.config import RunConfig, load_config  # noqa: E402
+from euphonium_ray.driver import prepare_inputs, resolve_paths  # noqa: E402
+from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402
+from euphonium_ray.sampling import make_generators, sample_seed, sample_trajectories  # noqa: E402
+
+PHASES = ("rollout", "reward", "advantage", "learn", "broadcast", "step")
+
+
+def in_process(cfg: RunConfig, steps: int) -> list[dict[str, float]]:
+    """The training step with every role in this process, sequentially (the baseline)."""
+    cpu = torch.device("cpu")
+    dataset, _, latent_shape = prepare_inputs(cfg, lambda m: None)
+    rollout = load_policy(cfg, "rollout", cpu)
+    learner = load_policy(cfg, "learner", cpu)
+    prm = load_prm(cfg, cpu) if cfg.rgg.enabled or cfg.rewards.latent_outcome else None
+    codec, orm = load_codec_for(cfg, cpu), build_orm(cfg, cpu)
+    o = cfg.optim
+    opt = torch.optim.AdamW(learner.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
+                            weight_decay=o.weight_decay)
+    g = cfg.sampler.group_size
+    out = []
+    for step in range(steps):
+        t = {}
+        t0 = time.perf_counter()
+        prompts = prompts_for_step(step, len(dataset), cfg.data.prompts_per_step, cfg.data.shuffle_seed)
+        cond, captions = dataset.conditioning(prompts)
+        cond, captions = cond.repeat_interleave(g), [c for c in captions for _ in range(g)]
+        seeds = seeds_for(cfg.seed, step, prompts, g, len(dataset))
+        traj = sample_trajectories(rollout, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa,
+                                   prm=prm if cfg.rgg.enabled else None, latent_shape=latent_shape, group_size=g,
+                                   generator=make_generators(seeds), logprob_mean=o.logprob_mean,
+                                   reduction=o.logprob_reduction, captions=captions, weight_version=step)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            orm_r = orm.score(codec.decode(traj.x0_hat_final), captions)
+            latent = prm.score(traj.x0_hat_final, torch.zeros(len(captions)), cond) if (
+                prm is not None and cfg.rewards.latent_outcome) else None
+        t2 = time.perf_counter()
+        adv = compute_advantages(traj, orm_r, latent, cfg)
+        t3 = time.perf_counter()
+        gen = torch.Generator().manual_seed(sample_seed(cfg.seed, step, -1, 0))
+        grpo_update(learner, opt, traj.select(adv.kept_rows), adv.terms, cfg, gen)
+        t4 = time.perf_counter()
+        rollout.load_sync_state_dict({k: v.detach().clone() for k, v in learner.sync_state_dict().items()})
+        t5 = time.perf_counter()
+        t = {"rollout": t1 - t0, "reward": t2 - t1, "advantage": t3 - t2, "learn": t4 - t3, "broadcast": t5 - t4,
+             "step": t5 - t0, "orm_mean": float(orm_r.nanmean())}
+        out.append(t)
+        print(f"in-process step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), flush=True)
+    return out
+
+
+def on_ray(cfg: RunConfig, steps: int) -> list[dict[str, float]]:
+    import ray
+
+    from euphonium_ray.driver import train
+
+    ray.init(address="local", num_cpus=max(2, int(cfg.cluster.num_cpus or 2)), include_dashboard=False,
+             object_store_memory=cfg.cluster.object_store_memory or 300 * 1024**2)
+    try:
+        summary = train(cfg.model_copy(update={"steps": steps}), progress=False)
+    finally:
+        ray.shutdown()
+    rows = []
+    for h in summary["history"]:
+        s = h["scalars"]
+        rows.append({p: s.get(f"time/{p}", float("nan")) for p in PHASES} | {"orm_mean": s["reward/orm_mean"]})
+    return rows
+
+
+def _mean(rows: list[dict[str, float]], key: str, warmup: int) -> float:
+    vals = [r[key] for r in rows[warmup:]] or [r[key] for r in rows]
+    return sum(vals) / len(vals)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "toy.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the means")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the in-process run (Ray actors: their CPUs)")
+    p.add_argument("--no-aba", dest="aba", action="store_false",
+                   help="skip the second in-process run after the Ray run (A-B-A ordering)")
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "ray_overhead.json"))
+    args = p.parse_args(argv)
+    base = resolve_paths(load_config(args.config, args.set, use_env=False))
+    torch.set_num_threads(args.threads)
+    local = in_process(base.model_copy(deep=True), args.steps)
+    ray_cfg = base.model_copy(deep=True)
+    ray_cfg.output.dir = str(Path(base.output.dir) / "bench-ray")
+    ray_cfg.cluster.mode = "sync"
+    remote = on_ray(ray_cfg, args.steps)
+    # A-B-A: a second baseline after the Ray run, so load from other users of a shared machine averages out
+    local_again = in_process(base.model_copy(deep=True), args.steps) if args.aba else []
+    table = {}
+    for ph in PHASES:
+        baseline = [_mean(local, ph, args.warmup)] + ([_mean(local_again, ph, args.warmup)] if local_again else [])
+        table[ph] = {"in_process_s": sum(baseline) / len(baseline), "ray_s": _mean(remote, ph, args.warmup),
+                     "in_process_runs_s": baseline}
+    for row in table.values():
+        row["ratio"] = row["ray_s"] / row["in_process_s"] if row["in_process_s"] > 0 else float("nan")
+    print(f"\n{'phase':<10} {'in-process s':>13} {'Ray s':>9} {'Ray/in-process':>15}")
+    for ph, row in table.items():
+        print(f"{ph:<10} {row['in_process_s']:>13.3f} {row['ray_s']:>9.3f} {row['ratio']:>15.2f}")
+    same = [abs(a["orm_mean"] - b["orm_mean"]) for a, b in zip(local, remote)]
+    print(f"ORM mean per step, in-process vs Ray (same seeds): max difference {max(same):.2e}")
+    result = {"config": args.config, "sets": args.set, "steps": args.steps, "warmup": args.warmup,
+              "threads": args.threads, "phases": table, "in_process": local + local_again, "ray": remote,
+              "orm_max_abs_difference": max(same), "torch": torch.__version__}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

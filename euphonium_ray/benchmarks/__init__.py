@@ -1,0 +1,1 @@
+"""Benchmarks that print ratios: the toy-world convergence comparison (``convergence.py``)."""

@@ -1,0 +1,234 @@
+"""From per-run logs to the benchmark's answers: steps and seconds to the baseline's final reward, final held-out
+reward, ratios. Pure functions over plain records, so they are tested on hand-made curves.
+
+Conventions: a training-rollout record at step t holds the ORM rewards of rollouts drawn by the policy after t
+updates, and its "seconds" are the run's training seconds before that step began (so t updates cost that long);
+an evaluation record at step t is the held-out reward of the policy after t updates. The training reward is
+smoothed by a trailing moving average (window ``smoothing``) before thresholds are crossed. All runs are cut to
+the common budget T = the fewest steps any run completed, so a budget stopped early is the same for every method.
+The target is the baseline's reward at the end of that budget, averaged over its seeds.
+``step0_reward_minus_baseline`` pairs each run's first rollouts with the baseline's at the same seed: same prompts,
+same per-sample noise seeds, same initial policy, so the difference is the immediate effect of the method's sampler
+(guidance, or another noise schedule) on the reward of the rollouts, before any learning. A run that never reaches
+it is censored: it counts as slower than any run that did, and a method whose median run is censored has no
+median ("not reached").
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["RunLog", "moving_average", "first_crossing", "censored_median", "analyse"]
+
+
+@dataclass
+class RunLog:
+    """One (method, seed) run: its per-step training records and its held-out evaluations."""
+
+    method: str
+    seed: int
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    def cut(self, budget: int) -> "RunLog":
+        return RunLog(self.method, self.seed, self.steps[:budget], [e for e in self.evals if e["step"] <= budget])
+
+    def train_curve(self, window: int) -> list[float]:
+        return moving_average([float(s["train_reward"]) for s in self.steps], window)
+
+    def seconds_before(self, key: str = "cum_seconds") -> list[float]:
+        """Training seconds spent before each step began (``cum_seconds`` includes the step's own time)."""
+        per = "seconds" if key == "cum_seconds" else "cpu_seconds"
+        return [float(s[key]) - float(s[per]) for s in self.steps]
+
+    @property
+    def has_cpu_time(self) -> bool:
+        """In-process runs measure process CPU seconds too; Ray runs (work spread over actors) do not."""
+        return bool(self.steps) and all("cum_cpu_seconds" in s for s in self.steps)
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    if window < 1:
+        raise ValueError(f"smoothing window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def first_crossing(values: Sequence[float], target: float) -> int | None:
+    """Index of the first value >= target, or None."""
+    return next((i for i, v in enumerate(values) if v >= target), None)
+
+
+def censored_median(values: Sequence[float | None]) -> float | None:
+    """Median with None (never reached) ranked above every number; None when the median itself is censored."""
+    if not values:
+        return None
+    ranked = sorted(values, key=lambda v: math.inf if v is None else v)
+    n = len(ranked)
+    mid = ranked[(n - 1) // 2 : n // 2 + 1]
+    if any(v is None for v in mid):
+        return None
+    return float(sum(mid) / len(mid))  # type: ignore[arg-type]
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+    reached = [v for v in values if v is not None]
+    return {
+        "median": censored_median(values),
+        "min": min(reached) if reached else None,
+        "max": max(reached) if reached else None,
+        "per_seed": list(values),
+        "reached": len(reached),
+        "runs": len(values),
+    }
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def _ratio(base: float | None, other: float | None) -> float | None:
+    """How many times fewer steps/seconds ``other`` needs than ``base``; None when either is not reached or
+    ``other`` is at the target from the start (0: no finite ratio)."""
+    if base is None or other is None or other == 0:
+        return None
+    return base / other
+
+
+def analyse(logs: list[RunLog], baseline: str, candidate: str, smoothing: int) -> dict[str, Any]:
+    """Everything the report states, as plain JSON-ready data (see the module docstring for the conventions)."""
+    by_method: dict[str, list[RunLog]] = {}
+    for log in logs:
+        by_method.setdefault(log.method, []).append(log)
+    if baseline not in by_method:
+        raise ValueError(f"baseline method {baseline!r} has no runs (have: {', '.join(by_method)})")
+    budget = min(len(log.steps) for log in logs)
+    if budget < 1:
+        empty = [f"{log.method}/seed {log.seed}" for log in logs if not log.steps]
+        raise ValueError(f"runs with no completed training step: {', '.join(empty)}")
+    cut = {m: sorted((log.cut(budget) for log in runs), key=lambda r: r.seed) for m, runs in by_method.items()}
+    base_runs = cut[baseline]
+    target_train = statistics.fmean(r.train_curve(smoothing)[-1] for r in base_runs)
+    final_evals = [r.evals[-1] for r in base_runs if r.evals and r.evals[-1]["step"] == budget]
+    target_heldout = statistics.fmean(e["heldout_reward"] for e in final_evals) if final_evals else None
+
+    methods: dict[str, Any] = {}
+    for method, runs in cut.items():
+        steps_train, secs_train, cpu_train = [], [], []
+        steps_held, secs_held = [], []
+        for r in runs:
+            idx = first_crossing(r.train_curve(smoothing), target_train)
+            steps_train.append(None if idx is None else float(r.steps[idx]["step"]))
+            secs_train.append(None if idx is None else r.seconds_before()[idx])
+            if r.has_cpu_time:
+                cpu_train.append(None if idx is None else r.seconds_before("cum_cpu_seconds")[idx])
+            if target_heldout is not None:
+                j = first_crossing([e["heldout_reward"] for e in r.evals], target_heldout)
+                steps_held.append(None if j is None else float(r.evals[j]["step"]))
+                secs_held.append(None if j is None else float(r.evals[j]["cum_seconds"]))
+        finals = [r.evals[-1]["heldout_reward"] for r in runs if r.evals and r.evals[-1]["step"] == budget]
+        initial = [r.evals[0]["heldout_reward"] for r in runs if r.evals and r.evals[0]["step"] == 0]
+        methods[method] = {
+            "seeds": [r.seed for r in runs],
+            "steps_to_target_train": _spread(steps_train),
+            "seconds_to_target_train": _spread(secs_train),
+            "cpu_seconds_to_target_train": _spread(cpu_train) if cpu_train else None,
+            "steps_to_target_heldout": _spread(steps_held) if target_heldout is not None else None,
+            "seconds_to_target_heldout": _spread(secs_held) if target_heldout is not None else None,
+            "final_train_reward_smoothed": _mean_std([r.train_curve(smoothing)[-1] for r in runs]),
+            "final_heldout_reward": _mean_std(finals) if finals else None,
+            "initial_heldout_reward": _mean_std(initial) if initial else None,
+            "guidance_to_noise": _mean_std(g2n) if (g2n := [float(s["guidance_to_noise"]) for r in runs
+                                                             for s in r.steps if "guidance_to_noise" in s]) else None,
+            "seconds_per_step": _mean_std([r.steps[-1]["cum_seconds"] / len(r.steps) for r in runs]),
+            "cpu_seconds_per_step": _mean_std([r.steps[-1]["cum_cpu_seconds"] / len(r.steps) for r in runs])
+            if all(r.has_cpu_time for r in runs) else None,
+        }
+    base_first = {r.seed: float(r.steps[0]["train_reward"]) for r in base_runs}
+    for method, runs in cut.items():  # same prompts, same per-sample seeds, same initial policy at step 0
+        diffs = [float(r.steps[0]["train_reward"]) - base_first[r.seed] for r in runs if r.seed in base_first]
+        methods[method]["step0_reward_minus_baseline"] = _mean_std(diffs) if diffs else None
+    base = methods[baseline]
+    for method, m in methods.items():
+        m["speedup_vs_baseline"] = {
+            "steps_train": _ratio(base["steps_to_target_train"]["median"], m["steps_to_target_train"]["median"]),
+            "seconds_train": _ratio(base["seconds_to_target_train"]["median"], m["seconds_to_target_train"]["median"]),
+            "steps_heldout": _ratio((base["steps_to_target_heldout"] or {}).get("median"),
+                                    (m["steps_to_target_heldout"] or {}).get("median")),
+            "seconds_heldout": _ratio((base["seconds_to_target_heldout"] or {}).get("median"),
+                                      (m["seconds_to_target_heldout"] or {}).get("median")),
+        }
+    base_initial_train = statistics.fmean(float(r.steps[0]["train_reward"]) for r in base_runs)
+    base_initial_held = (base["initial_heldout_reward"] or {}).get("mean")
+    return {
+        "budget_steps": budget,
+        # a target the baseline reached without improving is vacuous (every run "reaches" it at step 0)
+        "baseline_improved_train": target_train > base_initial_train,
+        "baseline_improved_heldout": None if target_heldout is None or base_initial_held is None
+        else target_heldout > base_initial_held,
+        "smoothing": smoothing,
+        "baseline": baseline,
+        "candidate": candidate,
+        "target_train_reward": target_train,
+        "target_heldout_reward": target_heldout,
+        "methods": methods,
+        "candidate_vs_baseline": methods.get(candidate, {}).get("speedup_vs_baseline"),
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The (a)-(c) table: steps and seconds to the baseline's final reward (median [min-max], reached/runs),
+    the speed-up against the baseline, and the final held-out reward."""
+
+    def spread(s: dict[str, Any] | None, fmt: str) -> str:
+        if not s:
+            return "-"
+        med = "not reached" if s["median"] is None else format(s["median"], fmt)
+        rng = "" if s["min"] is None else f" [{format(s['min'], fmt)}-{format(s['max'], fmt)}]"
+        return f"{med}{rng} ({s['reached']}/{s['runs']})"
+
+    def ratio(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    lines = [
+        f"budget {result['budget_steps']} steps; target = {result['baseline']}'s final reward: training "
+        f"{result['target_train_reward']:.4f} (smoothed over {result['smoothing']} steps), held-out "
+        + ("-" if result["target_heldout_reward"] is None else f"{result['target_heldout_reward']:.4f}"),
+        *([f"NOTE: {result['baseline']} ended its budget no better than it started on the held-out prompts "
+           "(target <= initial reward), so the held-out steps/seconds to target are vacuous."]
+          if result.get("baseline_improved_heldout") is False else []),
+        *([f"NOTE: {result['baseline']}'s smoothed training reward ended no higher than its first step's, so the "
+           "training steps/seconds to target are vacuous."] if result.get("baseline_improved_train") is False else []),
+        "",
+        "| method | (a) steps to target, train | speed-up | (b) seconds to target, train | speed-up "
+        "| (a') steps to target, held-out | (b') seconds, held-out | (c) final held-out reward | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["methods"].items():
+        sp = m["speedup_vs_baseline"]
+        fin = m["final_heldout_reward"]
+        init = m["initial_heldout_reward"]
+        fin_s = "-" if fin is None else f"{fin['mean']:.4f} ± {fin['std']:.4f}"
+        if fin is not None and init is not None:
+            fin_s += f" (from {init['mean']:.4f})"
+        lines.append(
+            f"| {name} | {spread(m['steps_to_target_train'], '.0f')} | {ratio(sp['steps_train'])} "
+            f"| {spread(m['seconds_to_target_train'], '.1f')} | {ratio(sp['seconds_train'])} "
+            f"| {spread(m['steps_to_target_heldout'], '.0f')} | {spread(m['seconds_to_target_heldout'], '.1f')} "
+            f"| {fin_s} | {m['seconds_per_step']['mean']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,268 @@
+"""``euphonium-ray train``: the single controller of a Euphonium run on Ray.
+
+Checks the inputs before touching the cluster (model folder, prompt embeddings, PRM, resources), connects to Ray
+(embedded local Ray unless ``--address``/``cluster.address``/``RAY_ADDRESS``), places the roles, then runs the
+loop, one step at a time: prompts → rollouts → rewards → advantages → learn → broadcast. In ``async`` mode the
+rollouts of step k+1 run while the learner learns step k (they use weights one version old; the importance
+ratio corrects that). Outputs land under ``output.dir`` (see ``run_logging.py`` and ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from euphonium_ray.config import ConfigError, RunConfig, load_config
+from euphonium_ray.learning import compute_advantages
+
+__all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
+
+EVAL_PROMPTS = 16
+EventHook = Callable[[str, int, Any, dict[str, Any] | None], None]
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says what is wrong and where."""
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
+    """Absolute paths everywhere, so actors (whose working directory differs) see the same files."""
+    base = base or Path.cwd()
+    cfg = cfg.model_copy(deep=True)
+
+    def absolute(p: str) -> str:
+        return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
+
+    cfg.model.path = absolute(cfg.model.path)
+    if cfg.model.checkpoint:
+        cfg.model.checkpoint = absolute(cfg.model.checkpoint)
+    cfg.data.prompts = absolute(cfg.data.prompts)
+    cfg.rewards.prm.path = absolute(cfg.rewards.prm.path)
+    cfg.output.dir = absolute(cfg.output.dir)
+    return cfg
+
+
+def _check_model_folder(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    root = Path(cfg.model.path)
+    if cfg.model.family == "toy" and not root.exists():
+        from euphonium_ray.toy.build import build_toy_model
+
+        log(f"toy model folder {root} does not exist yet: building it (euphonium-ray toy build)")
+        build_toy_model(root, cfg, log=log)
+    if not cfg.model.path or not root.is_dir():
+        raise RunError(f"model folder not found: {root} (model.path)")
+    for needed in (root / "transformer" / "config.json", root / "vae" / "config.json"):
+        if not needed.is_file():
+            raise RunError(f"model folder {root} is incomplete: missing {needed.relative_to(root)}")
+
+
+def _check_prompts(cfg: RunConfig, pooled_dim: int):
+    from euphonium_ray.data import DataError, PromptEmbeddingDataset
+
+    if not cfg.data.prompts:
+        raise RunError("data.prompts is not set (a videos2caption.json of prompt embeddings)")
+    try:
+        dataset = PromptEmbeddingDataset(cfg.data.prompts, pooled_dim=pooled_dim)
+        for i, entry in enumerate(dataset.entries):
+            for key in ("prompt_embed_path", "prompt_attention_mask"):
+                path = dataset._resolve(entry[key])
+                if not path.is_file():
+                    raise RunError(f"{dataset.json_path}: entry {i} points at a missing file {path} ({key})")
+        dataset[0]  # one full read: shapes and dtypes
+    except DataError as exc:
+        raise RunError(str(exc)) from None
+    return dataset
+
+
+def _check_prm(cfg: RunConfig) -> None:
+    from actors.placement import needs_prm_pool
+
+    if not (cfg.rgg.enabled or needs_prm_pool(cfg)):
+        return
+    path = Path(cfg.rewards.prm.path) if cfg.rewards.prm.path else None
+    if path is None or not (path / "config.json").is_file():
+        raise RunError(
+            f"the latent PRM folder {path} (rewards.prm.path) has no config.json; train one with "
+            "`euphonium-ray train-prm`, or set rgg.enabled=false and rewards.latent_outcome=false"
+        )
+
+
+def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Any, int, tuple[int, ...]]:
+    """Check every input; returns (prompt dataset, pooled width, latent shape). Raises RunError."""
+    from euphonium_ray.data import pooled_dim_of
+    from euphonium_ray.models.codecs import load_codec
+
+    if cfg.cluster.fsdp:
+        raise RunError("cluster.fsdp=true is not implemented yet: the learner runs DDP (gradients all-reduced "
+                       "across cluster.num_learners ranks); set cluster.fsdp=false")
+    _check_model_folder(cfg, log)
+    pooled = pooled_dim_of(cfg.model.path)
+    dataset = _check_prompts(cfg, pooled)
+    _check_prm(cfg)
+    if cfg.data.prompts_per_step % cfg.cluster.num_learners:
+        raise RunError(f"data.prompts_per_step={cfg.data.prompts_per_step} groups cannot be split evenly over "
+                       f"cluster.num_learners={cfg.cluster.num_learners}")
+    codec = load_codec(Path(cfg.model.path) / "vae")
+    shape = tuple(int(s) for s in codec.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width))
+    return dataset, pooled, shape
+
+
+# --------------------------------------------------------------------------------------------------- ray
+def connect(cfg: RunConfig, address: str | None) -> bool:
+    """Join the given cluster, or start an embedded one. Returns True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    target = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+        return False
+    ray.init(num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory)
+    return True
+
+
+def weight_sync_backend(cfg: RunConfig) -> str:
+    """GPU learner and GPU rollouts: a collective broadcast; otherwise the object store. Override with
+    ``EUPHONIUM_WEIGHT_SYNC=object_store|collective``."""
+    forced = os.environ.get("EUPHONIUM_WEIGHT_SYNC")
+    if forced:
+        return forced
+    return "collective" if cfg.cluster.learner_gpus > 0 and cfg.cluster.rollout_gpus > 0 else "object_store"
+
+
+# -------------------------------------------------------------------------------------------------- loop
+def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = None, progress: bool = True,
+          on_event: EventHook | None = None, evaluate: bool = True) -> dict[str, Any]:
+    """Run (or continue) training; returns a summary (paths, rewards before/after, per-step records).
+
+    ``on_event(name, step, system, record)`` is called at ``step_start`` and ``step_end`` (tests and tools look
+    at the live system there); ``evaluate=False`` skips the ODE evaluation before and after training."""
+    from actors.placement import check_cluster
+    from actors.system import TrainingSystem, prompts_for_step
+    from euphonium_ray.checkpoint import CheckpointError, read_state, resolve_checkpoint
+    from euphonium_ray.metrics import RayMetrics, StepRecorder
+    from euphonium_ray.run_logging import RunLogger
+
+    cfg = resolve_paths(cfg)
+    hook = on_event or (lambda *a: None)
+    out = Path(cfg.output.dir)
+    start, resume_path = 0, None
+    if resume:
+        try:
+            resume_path = str(resolve_checkpoint(out, "latest") if resume == "latest" else resolve_checkpoint(resume, ""))
+            start = int(read_state(resume_path)["step"])
+        except CheckpointError as exc:
+            raise RunError(f"--resume {resume}: {exc}") from None
+        if start >= cfg.steps:
+            raise RunError(f"checkpoint {resume_path} is at step {start}, not before steps={cfg.steps}")
+    logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
+                       progress=progress)
+    try:
+        dataset, pooled, latent_shape = prepare_inputs(cfg, logger.info)
+        started_ray = connect(cfg, address)
+        check_cluster(cfg)
+        metrics = RayMetrics("driver")
+        backend = weight_sync_backend(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        logger.info(f"run {out}: steps {start}..{cfg.steps}, mode {cfg.cluster.mode}, weight sync {backend}"
+                    + (f", resuming from {resume_path}" if resume_path else ""))
+        system = TrainingSystem(cfg, lambda idx: dataset.conditioning(idx), len(dataset), latent_shape,
+                                resume=resume_path, sync_backend=backend, log=logger.info)
+    except BaseException:
+        logger.close()
+        raise
+    recorder = StepRecorder(cfg, logger, metrics, backend)
+    n_prompts = len(dataset)
+    eval_prompts = list(range(min(EVAL_PROMPTS, n_prompts)))
+    try:
+        before = float(system.evaluate(start, eval_prompts, cfg.seed).nanmean()) if evaluate else float("nan")
+        logger.info(f"ORM reward of unguided ODE samples before step {start}: {before:.4f}")
+        batch = None
+        for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
+            hook("step_start", step, system, None)
+            if batch is None:  # sync: sample with the weights of this very step (version = step)
+                batch = system.rollout_and_score(step, step, prompts_for_step(step, n_prompts,
+                                                                              cfg.data.prompts_per_step,
+                                                                              cfg.data.shuffle_seed))
+            t0 = time.perf_counter()
+            adv = compute_advantages(batch.traj, batch.orm, batch.latent, cfg)
+            batch.timings["advantage"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            system.submit_learning(step, batch.traj.select(adv.kept_rows), adv.terms)
+            upcoming = None
+            if cfg.cluster.mode == "async" and step + 1 < cfg.steps:  # overlaps the learner's work on `step`
+                upcoming = system.rollout_and_score(step + 1, step, prompts_for_step(
+                    step + 1, n_prompts, cfg.data.prompts_per_step, cfg.data.shuffle_seed))
+            stats = system.learning_result(step)
+            batch.timings["learn"] = time.perf_counter() - t0
+            broadcast = system.broadcast(step + 1) if cfg.cluster.mode == "sync" else {"seconds": 0.0}
+            batch.timings["broadcast"] = broadcast["seconds"]
+            batch.timings["step"] = time.perf_counter() - t_step
+            record = recorder.record(batch, adv, stats)
+            if step % cfg.output.sample_every == 0 or step + 1 == cfg.steps:
+                recorder.videos(step, system.decode(batch.traj.x0_hat_final[: cfg.sampler.group_size * 2]))
+            if cfg.output.eval_every and (step + 1) % cfg.output.eval_every == 0:
+                recorder.eval(step, float(system.evaluate(step + 1, eval_prompts, cfg.seed).nanmean()))
+            hook("step_end", step, system, record)
+            batch = upcoming
+        after = float(system.evaluate(cfg.steps, eval_prompts, cfg.seed).nanmean()) if evaluate else float("nan")
+        summary = recorder.summary(before, after, start)
+        logger.info(summary["text"])
+        return summary
+    finally:
+        system.close()
+        logger.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (their messages name the file, key or resource), not a bug."""
+    from actors.placement import ClusterResourceError
+    from actors.weights import StaleWeightsError
+    from euphonium_ray.checkpoint import CheckpointError
+    from euphonium_ray.data import DataError
+    from euphonium_ray.models.codecs import CodecError
+    from euphonium_ray.models.hunyuan import PolicyLoadError
+    from euphonium_ray.models.prm import PRMLoadError
+
+    return (ClusterResourceError, StaleWeightsError, CheckpointError, DataError, CodecError, PolicyLoadError,
+            PRMLoadError)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="euphonium-ray train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run config YAML (e.g. configs/toy.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint under output.dir) or a step folder")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    parser.add_argument("--no-env", action="store_true", help="ignore upstream environment variables")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set, use_env=not args.no_env)
+        progress = not args.no_progress and sys.stderr.isatty()
+        summary = train(cfg, resume=args.resume, address=args.address, progress=progress)
+    except (ConfigError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # one readable line for known input errors, a traceback otherwise
+        if isinstance(exc, _input_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print(summary["text"])
+    return 0

@@ -1,0 +1,342 @@
+"""Rollouts: the reward-gradient-guided SDE sampler run over a whole batch of groups at once.
+
+Upstream sampled one video at a time; here every sample of every group in the batch goes through the policy
+network together (optionally in micro-batches), and the maths is the pure functions of ``sde.py`` and
+``spsa.py``. ``sample_trajectories`` keeps everything the learner needs (see ``trajectory.py``);
+``sample_latents`` is the same loop without bookkeeping, for evaluation and ``generate``.
+
+Randomness comes from either one ``torch.Generator`` for the whole batch or one generator per sample. With
+per-sample generators (seeded by :func:`sample_seed` from (run seed, step, prompt, member)), a sample's noise
+does not depend on which other samples share its batch or which worker ran it, so a retried or re-split
+rollout reproduces the same trajectory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Callable, Literal, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from euphonium_ray.config import GuidanceWindow, RGGConfig, SamplerConfig, SPSAConfig
+from euphonium_ray.models.base import Policy, ProcessRewardModel, TextConditioning
+from euphonium_ray.sde import (
+    flow_sigma_1,
+    guidance_shift,
+    in_window,
+    predicted_x0,
+    sde_step,
+    sigma_schedule,
+)
+from euphonium_ray.spsa import spsa_gradient
+from euphonium_ray.trajectory import Trajectories
+
+__all__ = [
+    "GeneratorLike",
+    "ProcessRewardError",
+    "ScoreAndGrad",
+    "SpsaScoreFn",
+    "make_generators",
+    "sample_latents",
+    "sample_seed",
+    "sample_trajectories",
+]
+
+ScoreAndGrad = Callable[[Tensor, Tensor, TextConditioning], tuple[Tensor, Tensor]]
+# SPSA scorer: perturbed x̂0 points (M, C, T, h, w) and, per point, the batch row it belongs to -> scores (M,)
+SpsaScoreFn = Callable[[Tensor, Tensor], Tensor]
+GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+class ProcessRewardError(RuntimeError):
+    """The PRM failed at a sampling step; the message names the step and σ (the driver decides what to do)."""
+
+
+# ---------------------------------------------------------------------------------------------- seeding
+def sample_seed(run_seed: int, step: int, prompt_index: int, member: int) -> int:
+    """A 63-bit seed for one sample, a pure function of (run seed, training step, prompt, group member)."""
+    digest = hashlib.sha256(f"euphonium:{run_seed}:{step}:{prompt_index}:{member}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generators(seeds: Sequence[int] | Tensor, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One seeded generator per sample."""
+    values = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in values]
+
+
+class _NoiseSource:
+    """Standard normal draws for a batch, from one shared generator or one generator per row."""
+
+    def __init__(self, generator: GeneratorLike, batch: int) -> None:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            gens = list(generator)
+            if len(gens) != batch:
+                raise ValueError(f"got {len(gens)} per-sample generators for a batch of {batch}")
+            self.per_row: list[torch.Generator] | None = gens
+            self.shared: torch.Generator | None = None
+        else:
+            self.per_row, self.shared = None, generator
+        self.batch = batch
+
+    def first(self) -> torch.Generator | None:
+        return self.per_row[0] if self.per_row is not None else self.shared
+
+    def rows(self, rows: Sequence[int], shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """(len(rows), *shape) draws; with per-row generators row r uses generator r."""
+        if self.per_row is None:
+            where = self.shared.device if self.shared is not None else device  # a CPU generator draws on CPU
+            return torch.randn((len(rows), *shape), generator=self.shared, device=where).to(device)
+        return torch.stack([torch.randn(shape, generator=self.per_row[r], device=self.per_row[r].device)
+                            for r in rows]).to(device)
+
+    def batch_noise(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return self.rows(range(self.batch), shape, device)
+
+
+def _initial_noise(noise: _NoiseSource, latent_shape: tuple[int, ...], group_size: int, same: bool,
+                   device: torch.device) -> Tensor:
+    """x_0: one draw per sample, or (upstream's ``use_same_noise``) the group leader's draw for all G members.
+
+    Every row draws once either way, so each per-sample stream is at the same place when the SDE starts."""
+    x = noise.batch_noise(latent_shape, device)
+    if not same:
+        return x
+    return x[::group_size].repeat_interleave(group_size, 0)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def _prm_callable(prm: ProcessRewardModel | ScoreAndGrad | None) -> ScoreAndGrad | None:
+    if prm is None:
+        return None
+    if hasattr(prm, "score_and_grad"):
+        return prm.score_and_grad  # type: ignore[union-attr]
+    if callable(prm):
+        return prm
+    raise TypeError(f"prm must be a ProcessRewardModel or a callable, got {type(prm).__name__}")
+
+
+def _velocity(policy: Policy, x: Tensor, sigma: float, cond: TextConditioning, micro_batch: int | None) -> Tensor:
+    """v(x, σ) in fp32 under no_grad, in micro-batches when asked."""
+    b = x.shape[0]
+    step = b if not micro_batch or micro_batch >= b else micro_batch
+    out = []
+    with torch.no_grad():
+        for start in range(0, b, step):
+            sl = slice(start, start + step)
+            sig = torch.full((x[sl].shape[0],), float(sigma), device=x.device)
+            out.append(policy.velocity(x[sl], sig, cond.index(sl)).float())
+    return torch.cat(out)
+
+
+def _window_on(win: GuidanceWindow, step: int, num_steps: int) -> bool:
+    return bool(win.enabled) and in_window(step, win.start, win.end, win.interval, num_steps)
+
+
+def _prm_guidance(
+    score_and_grad: ScoreAndGrad, x: Tensor, sigma: float, dt: float, cond: TextConditioning, rgg: GuidanceWindow,
+    scale: float, step: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(shift, score (B,), grad norm (B,)) of RGG at one step. Exceptions become ProcessRewardError; a sample
+    whose gradient is not finite gets no shift and a NaN score, so its group is skipped downstream."""
+    sig = torch.full((x.shape[0],), float(sigma), device=x.device)
+    try:
+        score, grad = score_and_grad(x, sig, cond)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the step named
+        raise ProcessRewardError(f"PRM failed at sampling step {step} (sigma={sigma:.4f}): {exc!r}") from exc
+    score = torch.as_tensor(score).reshape(-1).to(device=x.device, dtype=torch.float32)
+    grad = torch.as_tensor(grad).to(device=x.device, dtype=torch.float32)
+    if score.shape[0] != x.shape[0] or grad.shape != x.shape:
+        raise ProcessRewardError(
+            f"PRM at step {step} returned score {tuple(score.shape)} and grad {tuple(grad.shape)} "
+            f"for latents {tuple(x.shape)}"
+        )
+    dims = tuple(range(1, grad.ndim))
+    finite = torch.isfinite(grad).all(dim=dims) if dims else torch.isfinite(grad)
+    grad = torch.where(finite.reshape(-1, *([1] * (grad.ndim - 1))), grad, torch.zeros((), device=grad.device))
+    score = torch.where(finite, score, torch.full_like(score, float("nan")))
+    norms = torch.linalg.vector_norm(grad, dim=dims) if dims else grad.abs()
+    shift = guidance_shift(grad, scale, dt, rgg.delta_t_scaling, rgg.normalize)
+    return shift, score, norms
+
+
+def _spsa_guidance(
+    score_fn: SpsaScoreFn, x: Tensor, v: Tensor, sigma: float, dt: float, spsa: SPSAConfig, scale: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """SPSA shift from the outcome reward around x̂0 = x − σ·v (applied to the mean like RGG)."""
+    b = x.shape[0]
+    rows = torch.arange(b, device=x.device).repeat(2 * spsa.num_samples)
+    x0_hat = predicted_x0(x, v, sigma)
+    g = spsa_gradient(lambda pts: score_fn(pts, rows[: pts.shape[0]]), x0_hat, delta=spsa.sigma,
+                      num_samples=spsa.num_samples, generator=generator)
+    return guidance_shift(g, scale, dt, spsa.delta_t_scaling, spsa.normalize)
+
+
+def _add_time(timings: dict[str, float] | None, key: str, start: float) -> None:
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------- public
+def sample_trajectories(
+    policy: Policy,
+    cond: TextConditioning,
+    *,
+    sampler: SamplerConfig,
+    rgg: RGGConfig,
+    spsa: SPSAConfig,
+    prm: ProcessRewardModel | ScoreAndGrad | None,
+    latent_shape: Sequence[int],
+    group_size: int,
+    generator: GeneratorLike = None,
+    spsa_score_fn: SpsaScoreFn | None = None,
+    initial_noise: Tensor | None = None,
+    same_initial_noise: bool = True,
+    logprob_mean: Literal["unguided", "guided"] = "unguided",
+    reduction: Literal["mean", "sum"] = "mean",
+    micro_batch: int | None = None,
+    prompt_indices: Sequence[int] | Tensor | None = None,
+    sample_seeds: Sequence[int] | Tensor | None = None,
+    captions: Sequence[str] | None = None,
+    weight_version: int = 0,
+    timings: dict[str, float] | None = None,
+) -> Trajectories:
+    """Sample B = len(cond) trajectories (contiguous groups of ``group_size``) with the guided SDE.
+
+    Per step i: ``v = policy.velocity(x_i, σ_i)`` (no grad); in the RGG window the PRM's (score, ∇) at the
+    step's input latent x_i gives the shift ``c·Δt·∇`` (c = ``rgg.effective_scale(η)``) and the process
+    reward of x_i; in the SPSA window the ORM's zeroth-order gradient at x̂0 adds its own shift; the sample
+    is drawn from the guided mean and its log-prob is taken under ``logprob_mean``. Deterministic given the
+    generator(s). ``timings`` (optional) accumulates seconds spent in ``policy``, ``prm`` and ``spsa``.
+    """
+    b = len(cond)
+    if b % group_size != 0:
+        raise ValueError(f"batch of {b} conditionings is not a whole number of groups of {group_size}")
+    score_and_grad = _prm_callable(prm)
+    if rgg.enabled and score_and_grad is None:
+        raise ValueError("rgg.enabled is true but no process reward model was given (set rgg.enabled=false)")
+    if spsa.enabled and spsa_score_fn is None:
+        raise ValueError("spsa.enabled is true but no SPSA score function (outcome reward) was given")
+    device = cond.prompt_embeds.device
+    shape = tuple(int(s) for s in latent_shape)
+    n = sampler.num_steps
+    sigmas = sigma_schedule(n, sampler.shift)
+    sigma_1 = flow_sigma_1(sigmas)
+    noise = _NoiseSource(generator, b)
+    rgg_scale = rgg.effective_scale(sampler.eta)
+    spsa_scale = spsa.effective_scale(sampler.eta)
+
+    x = initial_noise.to(device=device, dtype=torch.float32) if initial_noise is not None else \
+        _initial_noise(noise, shape, group_size, same_initial_noise, device)
+    if tuple(x.shape) != (b, *shape):
+        raise ValueError(f"initial noise has shape {tuple(x.shape)}, expected {(b, *shape)}")
+    path = [x]
+    log_probs = torch.zeros(b, n, device=device)
+    process_rewards = torch.zeros(b, n, device=device)
+    evaluated = torch.zeros(b, n, dtype=torch.bool, device=device)
+    grad_norms = torch.zeros(b, n, device=device)
+    guided_steps: list[int] = []
+    guided_means: list[Tensor] = []
+    shifts: list[Tensor] = []
+    x0_hat_final = x
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        dt = s - s_next
+        t0 = time.perf_counter()
+        v = _velocity(policy, x, s, cond, micro_batch)
+        _add_time(timings, "policy", t0)
+        shift: Tensor | None = None
+        if score_and_grad is not None and _window_on(rgg, i, n):
+            t0 = time.perf_counter()
+            shift, score, norms = _prm_guidance(score_and_grad, x, s, dt, cond, rgg, rgg_scale, i)
+            process_rewards[:, i], evaluated[:, i], grad_norms[:, i] = score, True, norms
+            _add_time(timings, "prm", t0)
+        if spsa_score_fn is not None and _window_on(spsa, i, n):
+            t0 = time.perf_counter()
+            extra = _spsa_guidance(spsa_score_fn, x, v, s, dt, spsa, spsa_scale, noise.first())
+            shift = extra if shift is None else shift + extra
+            _add_time(timings, "spsa", t0)
+        xi = None if sampler.noise_type == "ode" else noise.batch_noise(shape, device)
+        out = sde_step(x, v, s, s_next, noise_type=sampler.noise_type, eta=sampler.eta, flow_a=sampler.flow_a,
+                       sigma_1=sigma_1, guidance=shift, noise=xi, logprob_mean=logprob_mean, reduction=reduction)
+        if shift is not None:
+            guided_steps.append(i)
+            guided_means.append(out.mean_guided)
+            shifts.append(shift.float())
+        log_probs[:, i] = out.log_prob
+        if i == n - 1:
+            x0_hat_final = predicted_x0(x, v, s)
+        x = out.x_next.float()
+        path.append(x)
+
+    empty = torch.zeros(b, 0, *shape, device=device)
+    return Trajectories(
+        latents=torch.stack(path, 1),
+        sigmas=sigmas.to(device),
+        log_probs=log_probs,
+        process_rewards=process_rewards,
+        process_evaluated=evaluated,
+        guidance_norms=grad_norms,
+        guided_steps=torch.tensor(guided_steps, dtype=torch.long, device=device),
+        guided_means=torch.stack(guided_means, 1) if guided_means else empty,
+        guidance_shifts=torch.stack(shifts, 1) if shifts else empty.clone(),
+        x0_hat_final=x0_hat_final.float(),
+        group_ids=torch.arange(b, device=device) // group_size,
+        prompt_indices=_long(prompt_indices, b, device, default=torch.arange(b, device=device) // group_size),
+        sample_seeds=_long(sample_seeds, b, device, default=torch.zeros(b, dtype=torch.long, device=device)),
+        cond=cond,
+        captions=list(captions) if captions is not None else [],
+        group_size=group_size,
+        weight_version=weight_version,
+    )
+
+
+def _long(values: Sequence[int] | Tensor | None, b: int, device: torch.device, default: Tensor) -> Tensor:
+    if values is None:
+        return default
+    t = torch.as_tensor(values, dtype=torch.long, device=device).reshape(-1)
+    if t.numel() != b:
+        raise ValueError(f"expected {b} per-sample values, got {t.numel()}")
+    return t
+
+
+def sample_latents(
+    policy: Policy,
+    cond: TextConditioning,
+    *,
+    latent_shape: Sequence[int],
+    num_steps: int = 16,
+    shift: float = 5.0,
+    noise_type: Literal["dance", "flow", "ode"] = "ode",
+    eta: float = 0.25,
+    flow_a: float = 0.7,
+    generator: GeneratorLike = None,
+    initial_noise: Tensor | None = None,
+    prm: ProcessRewardModel | ScoreAndGrad | None = None,
+    rgg: RGGConfig | None = None,
+    micro_batch: int | None = None,
+) -> Tensor:
+    """Final latents x_N of plain sampling (ODE by default; SDE; or RGG when ``prm`` and ``rgg`` are given)."""
+    b = len(cond)
+    device = cond.prompt_embeds.device
+    shape = tuple(int(s) for s in latent_shape)
+    sigmas = sigma_schedule(num_steps, shift)
+    sigma_1 = flow_sigma_1(sigmas)
+    noise = _NoiseSource(generator, b)
+    score_and_grad = _prm_callable(prm)
+    x = initial_noise.to(device=device, dtype=torch.float32) if initial_noise is not None else \
+        noise.batch_noise(shape, device)
+    for i in range(num_steps):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = _velocity(policy, x, s, cond, micro_batch)
+        mean_shift = None
+        if score_and_grad is not None and rgg is not None and _window_on(rgg, i, num_steps):
+            mean_shift, _, _ = _prm_guidance(score_and_grad, x, s, s - s_next, cond, rgg,
+                                             rgg.effective_scale(eta), i)
+        xi = None if noise_type == "ode" else noise.batch_noise(shape, device)
+        x = sde_step(x, v, s, s_next, noise_type=noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1,
+                     guidance=mean_shift, noise=xi).x_next.float()
+    return x
