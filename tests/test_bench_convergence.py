@@ -85,6 +85,10 @@ def test_steps_and_seconds_to_the_baselines_final_reward_match_a_hand_computatio
     # paired first-step difference: (0 - 0) and (0 - (-0.1)) -> mean 0.05
     assert cand["step0_reward_minus_baseline"]["mean"] == pytest.approx(0.05)
     assert base["step0_reward_minus_baseline"]["mean"] == 0.0
+    # paired gain over the second half of the budget (steps 5..9), per seed then averaged
+    by_hand = statistics.fmean(
+        statistics.fmean(fast[t] - b[t] for t in range(5, 10)) for b in (base0, base1))
+    assert cand["train_reward_minus_baseline_second_half"]["mean"] == pytest.approx(by_hand)
 
 
 def test_speedup_is_the_ratio_of_median_steps_and_runs_are_cut_to_the_common_budget():

@@ -9,7 +9,10 @@ the common budget T = the fewest steps any run completed, so a budget stopped ea
 The target is the baseline's reward at the end of that budget, averaged over its seeds.
 ``step0_reward_minus_baseline`` pairs each run's first rollouts with the baseline's at the same seed: same prompts,
 same per-sample noise seeds, same initial policy, so the difference is the immediate effect of the method's sampler
-(guidance, or another noise schedule) on the reward of the rollouts, before any learning. A run that never reaches
+(guidance, or another noise schedule) on the reward of the rollouts, before any learning.
+``train_reward_minus_baseline_second_half`` is the mean over the second half of the budget of the per-step
+difference to the baseline at the same seed (same prompts each step), which removes the prompt-difficulty swings
+that dominate the raw per-step curves. A run that never reaches
 it is censored: it counts as slower than any run that did, and a method whose median run is censored has no
 median ("not reached").
 """
@@ -159,6 +162,12 @@ def analyse(logs: list[RunLog], baseline: str, candidate: str, smoothing: int) -
             if all(r.has_cpu_time for r in runs) else None,
         }
     base_first = {r.seed: float(r.steps[0]["train_reward"]) for r in base_runs}
+    base_curve = {r.seed: [float(x["train_reward"]) for x in r.steps] for r in base_runs}
+    half = budget // 2
+    for method, runs in cut.items():  # same prompts per step: a paired gain, free of prompt difficulty
+        gains = [statistics.fmean(float(x["train_reward"]) - base_curve[r.seed][t] for t, x in enumerate(r.steps)
+                                  if t >= half) for r in runs if r.seed in base_curve]
+        methods[method]["train_reward_minus_baseline_second_half"] = _mean_std(gains) if gains else None
     for method, runs in cut.items():  # same prompts, same per-sample seeds, same initial policy at step 0
         diffs = [float(r.steps[0]["train_reward"]) - base_first[r.seed] for r in runs if r.seed in base_first]
         methods[method]["step0_reward_minus_baseline"] = _mean_std(diffs) if diffs else None
@@ -215,8 +224,9 @@ def markdown_table(result: dict[str, Any]) -> str:
            "training steps/seconds to target are vacuous."] if result.get("baseline_improved_train") is False else []),
         "",
         "| method | (a) steps to target, train | speed-up | (b) seconds to target, train | speed-up "
-        "| (a') steps to target, held-out | (b') seconds, held-out | (c) final held-out reward | s/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| (a') steps to target, held-out | (b') seconds, held-out | (c) final held-out reward "
+        "| train reward - baseline, 2nd half | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["methods"].items():
         sp = m["speedup_vs_baseline"]
@@ -225,10 +235,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         fin_s = "-" if fin is None else f"{fin['mean']:.4f} ± {fin['std']:.4f}"
         if fin is not None and init is not None:
             fin_s += f" (from {init['mean']:.4f})"
+        gain = m.get("train_reward_minus_baseline_second_half")
+        gain_s = "-" if gain is None else f"{gain['mean']:+.4f} ± {gain['std']:.4f}"
         lines.append(
             f"| {name} | {spread(m['steps_to_target_train'], '.0f')} | {ratio(sp['steps_train'])} "
             f"| {spread(m['seconds_to_target_train'], '.1f')} | {ratio(sp['seconds_train'])} "
             f"| {spread(m['steps_to_target_heldout'], '.0f')} | {spread(m['seconds_to_target_heldout'], '.1f')} "
-            f"| {fin_s} | {m['seconds_per_step']['mean']:.2f} |"
+            f"| {fin_s} | {gain_s} | {m['seconds_per_step']['mean']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -41,8 +41,6 @@ class _RayRunLogger:
 
     def __init__(self, method: str, seed: int, world: BenchWorld, cfg: RunConfig, settings: BenchmarkSettings,
                  out: Path, log: Log) -> None:
-        import torch
-
         self.method, self.seed, self.world, self.cfg, self.settings = method, seed, world, cfg, settings
         self.dir = records.run_dir(out, method, seed)
         for name in (records.STEPS_FILE, records.EVALS_FILE):
@@ -53,7 +51,6 @@ class _RayRunLogger:
         self.cum_seconds = 0.0
         self.sync: Any = None
         self.log = log
-        self._torch = torch
 
     def _evaluate(self, system: Any, version: int) -> None:
         import time
