@@ -144,3 +144,19 @@ def test_async_mode_overlaps_with_one_step_stale_weights_and_finishes(baseline, 
     lags = [h["scalars"]["weights/version_lag"] for h in summary["history"]]
     assert [h["step"] for h in summary["history"]] == [0, 1, 2] and lags == [0, 1, 1]
     assert (tmp_path / "checkpoints" / "step-3").is_dir()
+
+
+@pytest.mark.xfail(reason="NOT MET YET: on the current toy world a short run does not raise the ORM by a clear "
+                          "margin (see the Ray engineer's report: GRPO signal is real but below Adam's noise at these "
+                          "batch sizes); kept running so the number is printed and the gap stays visible",
+                   strict=False)
+def test_short_euphonium_run_raises_the_toy_orm_reward(world, local_ray, tmp_path):
+    """RGG + dual reward, fixed seeds. Measured on plain ODE samples of 16 fixed prompts and seeds before and
+    after training (the same noise both times, so the difference is the policy's), and on the rollouts."""
+    cfg = run_config(world, tmp_path, "steps=8", "data.prompts_per_step=4", "sampler.group_size=8",
+                     "optim.lr=2e-5", "optim.grad_accum=32", "optim.clip_range=0.01")
+    summary = train(cfg, progress=False)
+    before, after = summary["orm_eval_before"], summary["orm_eval_after"]
+    print(f"toy ORM of ODE samples: before {before:.4f} after {after:.4f}; rollouts per step "
+          f"{[round(x, 4) for x in summary['rollout_orm']]}")
+    assert after > before + 0.01
