@@ -17,19 +17,11 @@ import torch
 
 from actors.common import actor_device, config_from, load_policy, load_prm, set_threads
 from actors.weights import StaleWeightsError, make_weight_sync, state_digest
+from euphonium_ray.metrics import rss_bytes
 from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.sampling import make_generators, sample_latents, sample_trajectories
 
 __all__ = ["RolloutWorker", "max_staleness"]
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def max_staleness(mode: str) -> int:
@@ -143,7 +135,7 @@ class RolloutWorker:
         timings["sample"] = time.perf_counter() - t0
         self.sampled += traj.batch_size
         self._metric("euphonium_videos_total", float(traj.batch_size))
-        self._metric("euphonium_rss_bytes", float(_rss_bytes()))
+        self._metric("euphonium_rss_bytes", float(rss_bytes()))
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         self._metric("euphonium_gpu_memory_bytes", float(gpu))
         return {"traj": traj.cpu().to_dict(), "timings": timings, "worker": self.index, "pid": os.getpid()}

@@ -24,31 +24,10 @@ from actors.reward import RETRYABLE, ScorerPool
 from actors.weights import WeightStore
 from euphonium_ray.config import RunConfig
 from euphonium_ray.models.base import TextConditioning
-from euphonium_ray.sampling import sample_seed
+from euphonium_ray.sampling import sample_seed, seeds_for
 from euphonium_ray.trajectory import Trajectories
 
-__all__ = ["StepBatch", "TrainingSystem", "prompts_for_step", "seeds_for"]
-
-
-def prompts_for_step(step: int, num_prompts: int, per_step: int, seed: int) -> list[int]:
-    """Prompt indices of a step: consecutive slices of a per-epoch permutation (a pure function of step)."""
-    out = []
-    for q in range(step * per_step, (step + 1) * per_step):
-        epoch, i = divmod(q, num_prompts)
-        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[i]))
-    return out
-
-
-def seeds_for(run_seed: int, step: int, prompts: list[int], group_size: int, num_prompts: int) -> list[int]:
-    """Per-sample seeds from (run seed, step, prompt, member); a prompt repeated within a step gets new ones."""
-    seen: dict[int, int] = {}
-    seeds = []
-    for p in prompts:
-        key = p + num_prompts * seen.get(p, 0)
-        seen[p] = seen.get(p, 0) + 1
-        seeds.extend(sample_seed(run_seed, step, key, m) for m in range(group_size))
-    return seeds
+__all__ = ["StepBatch", "TrainingSystem"]
 
 
 @dataclass
@@ -198,9 +177,11 @@ class TrainingSystem:
                 self._call(i, "load_weights", version)
         return {"seconds": time.perf_counter() - t0}
 
-    def evaluate(self, version: int, prompts: list[int], seed: int) -> Tensor:
-        """ORM rewards of plain ODE samples (one per prompt, fixed seeds) with weight ``version``."""
-        cond, captions = self.conditioning(prompts)
+    def evaluate(self, version: int, prompts: list[int], seed: int,
+                 conditioning: Callable[[list[int]], tuple[TextConditioning, list[str]]] | None = None) -> Tensor:
+        """ORM rewards of plain ODE samples (one per prompt, fixed seeds) with weight ``version``; prompts index
+        the training prompts unless ``conditioning`` (e.g. of the held-out evaluation prompts) is given."""
+        cond, captions = (conditioning or self.conditioning)(prompts)
         chunks = torch.arange(len(prompts)).tensor_split(min(len(self.rollout_workers), len(prompts)))
         requests = [{"version": version, "cond": cond.index(c).as_dict(), "latent_shape": self.latent_shape,
                      "seeds": [sample_seed(seed, -1, int(prompts[i]), 0) for i in c.tolist()]} for c in chunks]

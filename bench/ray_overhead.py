@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from actors.common import build_orm, load_codec_for, load_policy, load_prm  # noqa: E402
-from actors.system import prompts_for_step, seeds_for  # noqa: E402
 from euphonium_ray.config import RunConfig, load_config  # noqa: E402
 from euphonium_ray.driver import prepare_inputs, resolve_paths  # noqa: E402
 from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402
-from euphonium_ray.sampling import make_generators, sample_seed, sample_trajectories  # noqa: E402
+from euphonium_ray.sampling import (make_generators, prompts_for_step, sample_seed, sample_trajectories,  # noqa: E402
+                                    seeds_for)
 
 PHASES = ("rollout", "reward", "advantage", "learn", "broadcast", "step")
 
@@ -99,6 +99,27 @@ def _mean(rows: list[dict[str, float]], key: str, warmup: int) -> float:
     return sum(vals) / len(vals)
 
 
+def plot(table: dict[str, dict[str, float]], path: Path) -> None:
+    """Side-by-side bars of seconds per phase, in-process vs on Ray."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(table)
+    xs = range(len(phases))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([x - 0.2 for x in xs], [table[p]["in_process_s"] for p in phases], 0.4, label="one process")
+    ax.bar([x + 0.2 for x in xs], [table[p]["ray_s"] for p in phases], 0.4, label="local Ray (actors)")
+    ax.set_xticks(list(xs), phases)
+    ax.set_ylabel("seconds per step")
+    ax.set_title("Training-step phases: one process vs Ray")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "toy.yaml"))
@@ -137,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    plot(table, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -44,6 +44,8 @@ def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
     if cfg.model.checkpoint:
         cfg.model.checkpoint = absolute(cfg.model.checkpoint)
     cfg.data.prompts = absolute(cfg.data.prompts)
+    if cfg.data.eval_prompts:
+        cfg.data.eval_prompts = absolute(cfg.data.eval_prompts)
     cfg.rewards.prm.path = absolute(cfg.rewards.prm.path)
     cfg.output.dir = absolute(cfg.output.dir)
     return cfg
@@ -63,13 +65,13 @@ def _check_model_folder(cfg: RunConfig, log: Callable[[str], None]) -> None:
             raise RunError(f"model folder {root} is incomplete: missing {needed.relative_to(root)}")
 
 
-def _check_prompts(cfg: RunConfig, pooled_dim: int):
+def _check_prompts(cfg: RunConfig, pooled_dim: int, index: str | None = None):
     from euphonium_ray.data import DataError, PromptEmbeddingDataset
 
     if not cfg.data.prompts:
         raise RunError("data.prompts is not set (a videos2caption.json of prompt embeddings)")
     try:
-        dataset = PromptEmbeddingDataset(cfg.data.prompts, pooled_dim=pooled_dim)
+        dataset = PromptEmbeddingDataset(index or cfg.data.prompts, pooled_dim=pooled_dim)
         for i, entry in enumerate(dataset.entries):
             for key in ("prompt_embed_path", "prompt_attention_mask"):
                 path = dataset._resolve(entry[key])
@@ -95,7 +97,9 @@ def _check_prm(cfg: RunConfig) -> None:
 
 
 def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Any, int, tuple[int, ...]]:
-    """Check every input; returns (prompt dataset, pooled width, latent shape). Raises RunError."""
+    """Check every input; returns (prompt dataset, pooled width, latent shape). Raises RunError.
+
+    The held-out evaluation prompts (``data.eval_prompts``) are checked here too; see :func:`eval_dataset`."""
     from euphonium_ray.data import pooled_dim_of
     from euphonium_ray.models.codecs import load_codec
 
@@ -105,6 +109,8 @@ def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[
     _check_model_folder(cfg, log)
     pooled = pooled_dim_of(cfg.model.path)
     dataset = _check_prompts(cfg, pooled)
+    if cfg.data.eval_prompts:
+        _check_prompts(cfg, pooled, cfg.data.eval_prompts)
     _check_prm(cfg)
     if cfg.data.prompts_per_step % cfg.cluster.num_learners:
         raise RunError(f"data.prompts_per_step={cfg.data.prompts_per_step} groups cannot be split evenly over "
@@ -146,7 +152,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     ``on_event(name, step, system, record)`` is called at ``step_start`` and ``step_end`` (tests and tools look
     at the live system there); ``evaluate=False`` skips the ODE evaluation before and after training."""
     from actors.placement import check_cluster
-    from actors.system import TrainingSystem, prompts_for_step
+    from actors.system import TrainingSystem
+    from euphonium_ray.sampling import prompts_for_step
     from euphonium_ray.checkpoint import CheckpointError, read_state, resolve_checkpoint
     from euphonium_ray.metrics import RayMetrics, StepRecorder
     from euphonium_ray.run_logging import RunLogger
@@ -182,9 +189,15 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
         raise
     recorder = StepRecorder(cfg, logger, metrics, backend)
     n_prompts = len(dataset)
-    eval_prompts = list(range(min(EVAL_PROMPTS, n_prompts)))
+    eval_set = _check_prompts(cfg, pooled, cfg.data.eval_prompts) if cfg.data.eval_prompts else dataset
+    eval_prompts = list(range(min(EVAL_PROMPTS, len(eval_set))))
+
+    def evaluate_orm(version: int) -> float:
+        """Mean ORM of plain ODE samples of the evaluation prompts (held out when data.eval_prompts is set)."""
+        return float(system.evaluate(version, eval_prompts, cfg.seed, eval_set.conditioning).nanmean())
+
     try:
-        before = float(system.evaluate(start, eval_prompts, cfg.seed).nanmean()) if evaluate else float("nan")
+        before = evaluate_orm(start) if evaluate else float("nan")
         logger.info(f"ORM reward of unguided ODE samples before step {start}: {before:.4f}")
         batch = None
         for step in range(start, cfg.steps):
@@ -214,10 +227,10 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             if step % cfg.output.sample_every == 0 or step + 1 == cfg.steps:
                 recorder.videos(step, system.decode(batch.traj.x0_hat_final[: cfg.sampler.group_size * 2]))
             if cfg.output.eval_every and (step + 1) % cfg.output.eval_every == 0:
-                recorder.eval(step, float(system.evaluate(step + 1, eval_prompts, cfg.seed).nanmean()))
+                recorder.eval(step, evaluate_orm(step + 1))
             hook("step_end", step, system, record)
             batch = upcoming
-        after = float(system.evaluate(cfg.steps, eval_prompts, cfg.seed).nanmean()) if evaluate else float("nan")
+        after = evaluate_orm(cfg.steps) if evaluate else float("nan")
         summary = recorder.summary(before, after, start)
         logger.info(summary["text"])
         return summary

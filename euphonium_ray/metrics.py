@@ -11,7 +11,7 @@ from typing import Any
 
 from euphonium_ray.metrics_catalog import BY_NAME, MetricSpec
 
-__all__ = ["RayMetrics", "StepRecorder", "metrics_endpoint", "scrape_metrics"]
+__all__ = ["RayMetrics", "StepRecorder", "metrics_endpoint", "rss_bytes", "scrape_metrics"]
 
 
 class RayMetrics:
@@ -79,7 +79,8 @@ def scrape_metrics(url: str, timeout_s: float = 5.0) -> str:
 
 
 # ------------------------------------------------------------------------------------------ step records
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
     import os
 
     try:
@@ -174,7 +175,7 @@ class StepRecorder:
                 self._emit("euphonium_phase_seconds", s[f"time/{phase}"], {"phase": phase})
         self._emit("euphonium_step_seconds", s.get("time/step", float("nan")))
         # euphonium_videos_total, euphonium_gpu_memory_bytes{role=rollout}: emitted by the rollout workers
-        self._emit("euphonium_rss_bytes", float(_rss_bytes()), {"role": "driver"})
+        self._emit("euphonium_rss_bytes", float(rss_bytes()), {"role": "driver"})
         self._emit("euphonium_transitions_total", s.get("learner/num_transitions", 0.0))
         self._emit("euphonium_steps_total", 1.0)
         if skipped:

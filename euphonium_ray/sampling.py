@@ -40,7 +40,9 @@ __all__ = [
     "SpsaScoreFn",
     "make_generators",
     "sample_latents",
+    "prompts_for_step",
     "sample_seed",
+    "seeds_for",
     "sample_trajectories",
 ]
 
@@ -59,6 +61,27 @@ def sample_seed(run_seed: int, step: int, prompt_index: int, member: int) -> int
     """A 63-bit seed for one sample, a pure function of (run seed, training step, prompt, group member)."""
     digest = hashlib.sha256(f"euphonium:{run_seed}:{step}:{prompt_index}:{member}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def prompts_for_step(step: int, num_prompts: int, per_step: int, seed: int) -> list[int]:
+    """Prompt indices of a step: consecutive slices of a per-epoch permutation (a pure function of step)."""
+    out = []
+    for q in range(step * per_step, (step + 1) * per_step):
+        epoch, i = divmod(q, num_prompts)
+        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def seeds_for(run_seed: int, step: int, prompts: list[int], group_size: int, num_prompts: int) -> list[int]:
+    """Per-sample seeds from (run seed, step, prompt, member); a prompt repeated within a step gets new ones."""
+    seen: dict[int, int] = {}
+    seeds = []
+    for p in prompts:
+        key = p + num_prompts * seen.get(p, 0)
+        seen[p] = seen.get(p, 0) + 1
+        seeds.extend(sample_seed(run_seed, step, key, m) for m in range(group_size))
+    return seeds
 
 
 def make_generators(seeds: Sequence[int] | Tensor, device: torch.device | str = "cpu") -> list[torch.Generator]:

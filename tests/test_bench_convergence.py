@@ -179,19 +179,6 @@ def test_bad_benchmark_inputs_fail_with_the_file_or_name_at_fault(tmp_path, caps
     assert bench_main(["speed"]) == 2 and "unknown benchmark 'speed'" in capsys.readouterr().err
 
 
-def test_in_process_prompt_order_and_sample_seeds_are_the_drivers():
-    from actors.system import prompts_for_step as driver_prompts
-    from actors.system import seeds_for as driver_seeds
-
-    from euphonium_ray.benchmarks.runner import prompts_for_step, seeds_for
-
-    for step in (0, 1, 7, 23, 40):
-        for per in (1, 2, 4):
-            p = prompts_for_step(step, 40, per, 1237)
-            assert p == driver_prompts(step, 40, per, 1237)
-            assert seeds_for(3, step, p + p[:1], 8, 40) == driver_seeds(3, step, p + p[:1], 8, 40)
-
-
 def test_guidance_to_noise_is_the_shift_length_over_the_noise_length_computed_by_hand():
     from test_sampling import LATENT_SHAPE, QuadraticPRM, make_cond, tiny_policy
 
@@ -287,7 +274,7 @@ def test_quick_in_process_run_writes_a_well_formed_report_table_and_plots(quick_
 def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_run):
     """Step 0's logged training reward and held-out reward, recomputed from the model folder with library calls
     and the driver's own prompt/seed functions (the policy at step 0 is the base model)."""
-    from actors.system import prompts_for_step, seeds_for
+    from euphonium_ray.sampling import prompts_for_step, seeds_for
     from euphonium_ray.data import PromptEmbeddingDataset
     from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
     from euphonium_ray.sampling import make_generators, sample_latents, sample_trajectories

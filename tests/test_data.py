@@ -109,7 +109,13 @@ def test_read_prompts_file_strips_and_skips_blank_lines(tmp_path):
         read_prompts_file(path)
 
 
-def test_three_line_prompts_file_feeds_dataset_and_policy_forward(tmp_path):
+def test_three_line_prompts_file_is_preprocessed_and_trains_one_grpo_step(tmp_path):
+    """prompts.txt -> `preprocess` with tiny encoders -> dataset -> SDE rollouts through the real VAE decode ->
+    advantages -> one clipped-GRPO update that changes the weights, first ratio exactly 1."""
+    from euphonium_ray.config import RunConfig
+    from euphonium_ray.learning import compute_advantages, grpo_update
+    from euphonium_ray.sampling import make_generators, sample_trajectories
+
     model_dir = build_tiny_hunyuan(tmp_path / "model", PROMPTS, text_dim=32, pooled_dim=16, latent_channels=4)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -120,9 +126,20 @@ def test_three_line_prompts_file_feeds_dataset_and_policy_forward(tmp_path):
     ds = PromptEmbeddingDataset(index, pooled_dim=policy.pooled_dim)
     cond, captions = ds.conditioning(range(len(ds)))
     assert captions == PROMPTS and cond.prompt_embeds.shape == (3, 16, 32)
-    latent_shape = policy.codec.latent_shape(5, 16, 16)
-    x = torch.randn(3, *latent_shape)
-    v = policy.velocity(x, torch.tensor([1.0, 0.5, 0.25]), cond)
-    assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
-    v.pow(2).mean().backward()  # the learner's path: gradients reach the trainable weights
-    assert all(p.grad is not None for p in policy.trainable_parameters() if p.requires_grad)
+
+    cfg = RunConfig()
+    cfg.sampler.num_steps, cfg.sampler.group_size, cfg.rgg.enabled = 4, 2, False
+    cfg.optim.lr, cfg.optim.grad_accum = 1e-3, 6
+    latent_shape = tuple(policy.codec.latent_shape(5, 16, 16))
+    traj = sample_trajectories(policy, cond.repeat_interleave(2), sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa,
+                               prm=None, latent_shape=latent_shape, group_size=2,
+                               generator=make_generators(range(6)), same_initial_noise=False)
+    video = policy.codec.decode(traj.x0_hat_final)  # the real AutoencoderKLHunyuanVideo decode
+    reward = video.float().flatten(1).mean(1)  # a pixel-space outcome score: mean brightness
+    adv = compute_advantages(traj, reward, None, cfg)
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    stats = grpo_update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr), traj, adv.terms,
+                        cfg, torch.Generator().manual_seed(0))
+    assert abs(stats["first_ratio_min"] - 1) < 1e-6 and abs(stats["first_ratio_max"] - 1) < 1e-6
+    assert stats["num_updates"] == 1 and stats["num_transitions"] == 6 * int(3 * 0.6)
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))

@@ -207,6 +207,22 @@ def test_train_command_names_a_prompt_file_pointing_at_a_missing_embedding(world
     assert str(bad) in err and "entry 3" in err and str(tmp_path / "gone" / "3.pt") in err
 
 
+def test_train_command_names_an_eval_prompt_file_pointing_at_a_missing_embedding(world, tmp_path, capsys):
+    import json
+
+    from euphonium_ray.driver import main
+
+    index = json.loads((world / "toy-model" / "embeddings" / "videos2caption.json").read_text())[:4]
+    index[1]["prompt_attention_mask"] = str(tmp_path / "gone" / "1.pt")
+    bad = tmp_path / "heldout.json"
+    bad.write_text(json.dumps(index))
+    cfg = run_config(world, tmp_path / "out", f"data.eval_prompts={bad}")
+    assert main(["--config", _config_file(cfg, tmp_path / "c.yaml"), "--no-env"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "entry 1" in err and str(tmp_path / "gone" / "1.pt") in err
+    assert not (tmp_path / "out" / "checkpoints").exists()  # refused before anything was trained
+
+
 def test_train_command_refuses_more_gpus_than_the_cluster_has_without_hanging(world, local_ray, tmp_path, capsys):
     import time
 
@@ -274,7 +290,7 @@ def test_lora_training_broadcasts_only_the_adapter_tensors(world, local_ray, tmp
 
 
 def test_prompt_order_and_sample_seeds_are_pure_functions_of_the_step():
-    from actors.system import prompts_for_step, seeds_for
+    from euphonium_ray.sampling import prompts_for_step, seeds_for
 
     epoch = [p for step in range(12) for p in prompts_for_step(step, 48, 4, seed=7)]
     assert sorted(epoch) == list(range(48))  # every prompt once per epoch

@@ -19,36 +19,13 @@ from euphonium_ray.benchmarks.world import BenchWorld
 from euphonium_ray.config import RunConfig
 from euphonium_ray.learning import compute_advantages, grpo_update
 from euphonium_ray.models.base import Policy, ProcessRewardModel
-from euphonium_ray.sampling import make_generators, sample_latents, sample_seed, sample_trajectories
+from euphonium_ray.sampling import (make_generators, prompts_for_step, sample_latents, sample_seed,
+                                    sample_trajectories, seeds_for)
 from euphonium_ray.sde import flow_sigma_1, step_std
 from euphonium_ray.trajectory import Trajectories
 
-__all__ = ["MethodRun", "StepResult", "guidance_to_noise", "heldout_reward", "prompts_for_step", "seeds_for",
-           "train_step", "uses_prm", "wants_latent_outcome"]
-
-
-# The driver's prompt order and per-sample seeds (``actors/system.py``), restated here so the in-process runner
-# does not import Ray; tests/test_bench_convergence.py checks they agree with the driver's, so in-process and
-# --ray runs see the same prompts and draw the same noise. (Proposed: move both into the library.)
-def prompts_for_step(step: int, num_prompts: int, per_step: int, seed: int) -> list[int]:
-    """Prompt indices of a step: consecutive slices of a per-epoch permutation (a pure function of step)."""
-    out = []
-    for q in range(step * per_step, (step + 1) * per_step):
-        epoch, i = divmod(q, num_prompts)
-        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[i]))
-    return out
-
-
-def seeds_for(run_seed: int, step: int, prompts: list[int], group_size: int, num_prompts: int) -> list[int]:
-    """Per-sample seeds from (run seed, step, prompt, member); a prompt repeated within a step gets new ones."""
-    seen: dict[int, int] = {}
-    seeds = []
-    for p in prompts:
-        key = p + num_prompts * seen.get(p, 0)
-        seen[p] = seen.get(p, 0) + 1
-        seeds.extend(sample_seed(run_seed, step, key, m) for m in range(group_size))
-    return seeds
+__all__ = ["MethodRun", "StepResult", "guidance_to_noise", "heldout_reward", "train_step", "uses_prm",
+           "wants_latent_outcome"]
 
 
 def uses_prm(cfg: RunConfig) -> bool:
