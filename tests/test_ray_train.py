@@ -163,3 +163,23 @@ def test_short_euphonium_run_raises_the_toy_orm_reward(world, local_ray, tmp_pat
     print(f"toy ORM of ODE samples: before {before:.4f} after {after:.4f}; rollouts per step "
           f"{[round(x, 4) for x in summary['rollout_orm']]}")
     assert after > before + 0.01
+
+
+def test_two_data_parallel_learners_over_gloo_share_the_groups_and_stay_identical(world, local_ray, tmp_path):
+    """The multi-learner code path without GPUs (DDP on gloo): each rank trains half of the step's groups, the
+    driver refuses to go on if the ranks' parameters differ, and the rollout worker receives the same weights."""
+    cfg = run_config(world, tmp_path, "steps=2", "cluster.num_learners=2", "cluster.learner_cpus=0.5",
+                     "cluster.rollout_cpus=0.5")
+    same: list[bool] = []
+
+    def on_event(event, step, system, record):
+        if event == "step_end":
+            same.append(all(d == record["digest"] for _, d in system.worker_digests()))
+
+    summary = train(cfg, progress=False, on_event=on_event, evaluate=False)
+    assert [h["step"] for h in summary["history"]] == [0, 1] and same == [True, True]
+    for h in summary["history"]:
+        s = h["scalars"]
+        # rank 0's share: 1 of the 2 groups (4 samples) × 4 of the 7 trainable transitions (fraction 0.6)
+        assert s["learner/num_transitions"] == 16, s
+        assert abs(s["learner/first_ratio_min"] - 1) < 1e-5 and abs(s["learner/first_ratio_max"] - 1) < 1e-5
