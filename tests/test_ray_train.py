@@ -146,10 +146,10 @@ def test_async_mode_overlaps_with_one_step_stale_weights_and_finishes(baseline, 
     assert (tmp_path / "checkpoints" / "step-3").is_dir()
 
 
-@pytest.mark.xfail(reason="NOT MET YET (issue 4): on the toy world a few AdamW steps of GRPO lower the ORM of fixed-noise "
-                          "ODE and SDE samples at every lr tried (1e-5..1e-4), even though the update direction is "
-                          "right (positive-advantage samples gain log-prob at a small SGD step); random parameter "
-                          "perturbations of the same size do not. Kept running so the numbers are printed.",
+@pytest.mark.xfail(reason="NOT ROBUST YET (issue 4): this run (seed 42) raises the ODE-sample ORM 0.622 -> 0.678, seed 7 "
+                          "0.596 -> 0.634, but seed 11 lowers it 0.637 -> 0.598; at the demo's sizes a few AdamW steps "
+                          "of GRPO move the ORM by about as much as the noise between seeds. Kept running (not strict) "
+                          "so that the numbers are printed and the gap stays visible.",
                    strict=False)
 def test_short_euphonium_run_raises_the_toy_orm_reward(world, local_ray, tmp_path):
     """RGG + dual reward, fixed seeds. Measured on plain ODE samples of 16 fixed prompts and seeds before and
