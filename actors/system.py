@@ -178,13 +178,18 @@ class TrainingSystem:
         return {"seconds": time.perf_counter() - t0}
 
     def evaluate(self, version: int, prompts: list[int], seed: int,
-                 conditioning: Callable[[list[int]], tuple[TextConditioning, list[str]]] | None = None) -> Tensor:
-        """ORM rewards of plain ODE samples (one per prompt, fixed seeds) with weight ``version``; prompts index
-        the training prompts unless ``conditioning`` (e.g. of the held-out evaluation prompts) is given."""
-        cond, captions = (conditioning or self.conditioning)(prompts)
-        chunks = torch.arange(len(prompts)).tensor_split(min(len(self.rollout_workers), len(prompts)))
+                 conditioning: Callable[[list[int]], tuple[TextConditioning, list[str]]] | None = None,
+                 samples_per_prompt: int = 1) -> Tensor:
+        """ORM rewards of plain ODE samples (``samples_per_prompt`` per prompt, fixed seeds) with weight
+        ``version``; prompts index the training prompts unless ``conditioning`` (e.g. of the held-out evaluation
+        prompts) is given."""
+        rows = [p for p in prompts for _ in range(samples_per_prompt)]
+        members = [m for _ in prompts for m in range(samples_per_prompt)]
+        cond, captions = (conditioning or self.conditioning)(rows)
+        chunks = torch.arange(len(rows)).tensor_split(min(len(self.rollout_workers), len(rows)))
         requests = [{"version": version, "cond": cond.index(c).as_dict(), "latent_shape": self.latent_shape,
-                     "seeds": [sample_seed(seed, -1, int(prompts[i]), 0) for i in c.tolist()]} for c in chunks]
+                     "seeds": [sample_seed(seed, -1, int(rows[i]), members[i]) for i in c.tolist()]}
+                    for c in chunks]
         latents = torch.cat(self._gather("evaluate", requests))
         return self.orm_pool.map_rows("score_latents", latents, captions)
 

@@ -23,7 +23,6 @@ from euphonium_ray.learning import compute_advantages
 
 __all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
 
-EVAL_PROMPTS = 16
 EventHook = Callable[[str, int, Any, dict[str, Any] | None], None]
 
 
@@ -190,11 +189,13 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     recorder = StepRecorder(cfg, logger, metrics, backend)
     n_prompts = len(dataset)
     eval_set = _check_prompts(cfg, pooled, cfg.data.eval_prompts) if cfg.data.eval_prompts else dataset
-    eval_prompts = list(range(min(EVAL_PROMPTS, len(eval_set))))
+    eval_prompts = list(range(min(cfg.output.eval_count, len(eval_set))))
 
     def evaluate_orm(version: int) -> float:
-        """Mean ORM of plain ODE samples of the evaluation prompts (held out when data.eval_prompts is set)."""
-        return float(system.evaluate(version, eval_prompts, cfg.seed, eval_set.conditioning).nanmean())
+        """Mean ORM of plain ODE samples of the evaluation prompts (held out when data.eval_prompts is set), from
+        the same noise at every evaluation, so that differences are the policy's."""
+        return float(system.evaluate(version, eval_prompts, cfg.seed, eval_set.conditioning,
+                                     cfg.output.eval_samples_per_prompt).nanmean())
 
     try:
         before = evaluate_orm(start) if evaluate else float("nan")

@@ -146,23 +146,24 @@ def test_async_mode_overlaps_with_one_step_stale_weights_and_finishes(baseline, 
     assert (tmp_path / "checkpoints" / "step-3").is_dir()
 
 
-@pytest.mark.xfail(reason="NOT ROBUST YET (issue 4): this run (seed 42) raises the ODE-sample ORM 0.622 -> 0.678, seed 7 "
-                          "0.596 -> 0.634, but seed 11 lowers it 0.637 -> 0.598; at the demo's sizes a few AdamW steps "
-                          "of GRPO move the ORM by about as much as the noise between seeds. Kept running (not strict) "
-                          "so that the numbers are printed and the gap stays visible.",
-                   strict=False)
 def test_short_euphonium_run_raises_the_toy_orm_reward(world, local_ray, tmp_path):
-    """RGG + dual reward, fixed seeds. Measured on plain ODE samples of 16 fixed prompts and seeds before and
-    after training (the same noise both times, so the difference is the policy's), and on the rollouts."""
+    """RGG from the trained toy PRM + Dual-Reward GRPO + distillation of the guided drift, fixed seeds, 8 steps.
+    Measured on plain ODE samples (16 prompts × 8 fixed noises, the same noise before and after, so the
+    difference is the policy's) and printed with the rollouts' rewards.
+
+    Without distillation the same 8 steps moved this ORM by +0.039, +0.028, −0.076, −0.071 at seeds 42, 7, 11, 3
+    (GRPO's gradient at 32 videos per step is mostly noise); the distillation term gives a low-noise direction
+    (+0.056 and +0.038 at seeds 11 and 3, measured in-process with the same library calls)."""
     prm = Path(__file__).resolve().parents[1] / "euphonium_ray" / "toy" / "assets" / "prm"  # the trained toy PRM
     cfg = run_config(world, tmp_path, "steps=8", "data.prompts_per_step=4", "sampler.group_size=8",
                      f"rewards.prm.path={prm}", "rgg.start=0", "rgg.scale=10.0", "rgg.normalize=true",
-                     "optim.lr=2e-5", "optim.grad_accum=32", "optim.clip_range=0.01")
+                     "optim.lr=2e-5", "optim.grad_accum=32", "optim.clip_range=0.01", "optim.distill_coef=1.0",
+                     "output.eval_samples_per_prompt=8")
     summary = train(cfg, progress=False)
     before, after = summary["orm_eval_before"], summary["orm_eval_after"]
-    print(f"toy ORM of ODE samples: before {before:.4f} after {after:.4f}; rollouts per step "
+    print(f"toy ORM of ODE samples (16 prompts x 8): before {before:.4f} after {after:.4f}; rollouts per step "
           f"{[round(x, 4) for x in summary['rollout_orm']]}")
-    assert after > before + 0.01
+    assert after > before + 0.02
 
 
 def test_two_data_parallel_learners_over_gloo_share_the_groups_and_stay_identical(world, local_ray, tmp_path):
