@@ -185,7 +185,9 @@ class TrainingSystem:
         prompts) is given."""
         rows = [p for p in prompts for _ in range(samples_per_prompt)]
         members = [m for _ in prompts for m in range(samples_per_prompt)]
-        cond, captions = (conditioning or self.conditioning)(rows)
+        cond, captions = (conditioning or self.conditioning)(prompts)  # read once, then repeated per sample
+        cond = cond.repeat_interleave(samples_per_prompt)
+        captions = [c for c in captions for _ in range(samples_per_prompt)]
         chunks = torch.arange(len(rows)).tensor_split(min(len(self.rollout_workers), len(rows)))
         requests = [{"version": version, "cond": cond.index(c).as_dict(), "latent_shape": self.latent_shape,
                      "seeds": [sample_seed(seed, -1, int(rows[i]), members[i]) for i in c.tolist()]}

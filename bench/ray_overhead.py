@@ -35,7 +35,7 @@ PHASES = ("rollout", "reward", "advantage", "learn", "broadcast", "step")
 def in_process(cfg: RunConfig, steps: int) -> list[dict[str, float]]:
     """The training step with every role in this process, sequentially (the baseline)."""
     cpu = torch.device("cpu")
-    dataset, _, latent_shape = prepare_inputs(cfg, lambda m: None)
+    dataset, _, _, latent_shape = prepare_inputs(cfg, lambda m: None)
     rollout = load_policy(cfg, "rollout", cpu)
     learner = load_policy(cfg, "learner", cpu)
     prm = load_prm(cfg, cpu) if cfg.rgg.enabled or cfg.rewards.latent_outcome else None

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from euphonium_ray.config import ConfigError, RunConfig, load_config
 from euphonium_ray.learning import compute_advantages
@@ -95,10 +94,9 @@ def _check_prm(cfg: RunConfig) -> None:
         )
 
 
-def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Any, int, tuple[int, ...]]:
-    """Check every input; returns (prompt dataset, pooled width, latent shape). Raises RunError.
-
-    The held-out evaluation prompts (``data.eval_prompts``) are checked here too; see :func:`eval_dataset`."""
+def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[Any, Any, int, tuple[int, ...]]:
+    """Check every input; returns (training prompts, evaluation prompts, pooled width, latent shape), the
+    evaluation prompts being ``data.eval_prompts`` when set, else the training prompts. Raises RunError."""
     from euphonium_ray.data import pooled_dim_of
     from euphonium_ray.models.codecs import load_codec
 
@@ -108,15 +106,14 @@ def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[
     _check_model_folder(cfg, log)
     pooled = pooled_dim_of(cfg.model.path)
     dataset = _check_prompts(cfg, pooled)
-    if cfg.data.eval_prompts:
-        _check_prompts(cfg, pooled, cfg.data.eval_prompts)
+    eval_set = _check_prompts(cfg, pooled, cfg.data.eval_prompts) if cfg.data.eval_prompts else dataset
     _check_prm(cfg)
     if cfg.data.prompts_per_step % cfg.cluster.num_learners:
         raise RunError(f"data.prompts_per_step={cfg.data.prompts_per_step} groups cannot be split evenly over "
                        f"cluster.num_learners={cfg.cluster.num_learners}")
     codec = load_codec(Path(cfg.model.path) / "vae")
     shape = tuple(int(s) for s in codec.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width))
-    return dataset, pooled, shape
+    return dataset, eval_set, pooled, shape
 
 
 # --------------------------------------------------------------------------------------------------- ray
@@ -172,7 +169,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
                        progress=progress)
     try:
-        dataset, pooled, latent_shape = prepare_inputs(cfg, logger.info)
+        dataset, eval_set, pooled, latent_shape = prepare_inputs(cfg, logger.info)
         started_ray = connect(cfg, address)
         check_cluster(cfg)
         metrics = RayMetrics("driver")
@@ -188,7 +185,6 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
         raise
     recorder = StepRecorder(cfg, logger, metrics, backend)
     n_prompts = len(dataset)
-    eval_set = _check_prompts(cfg, pooled, cfg.data.eval_prompts) if cfg.data.eval_prompts else dataset
     eval_prompts = list(range(min(cfg.output.eval_count, len(eval_set))))
 
     def evaluate_orm(version: int) -> float:
@@ -271,7 +267,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.set, use_env=not args.no_env)
         progress = not args.no_progress and sys.stderr.isatty()
-        summary = train(cfg, resume=args.resume, address=args.address, progress=progress)
+        train(cfg, resume=args.resume, address=args.address, progress=progress)  # logs its own summary
     except (ConfigError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -280,4 +276,4 @@ def main(argv: list[str]) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-    return 0  # the summary was logged by train()
+    return 0

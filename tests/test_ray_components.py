@@ -192,15 +192,21 @@ def test_train_command_names_a_missing_model_folder(world, tmp_path, capsys):
     assert f"model folder not found: {tmp_path / 'no-such-model'}" in capsys.readouterr().err
 
 
-def test_train_command_names_a_prompt_file_pointing_at_a_missing_embedding(world, tmp_path, capsys):
+def _index_with_a_missing_file(world: Path, path: Path, entry: int, key: str, rows: int | None = None) -> Path:
+    """A copy of the toy ``videos2caption.json`` (its first ``rows`` entries) whose ``entry`` points ``key`` at a
+    file that does not exist, ``<tmp>/gone/<entry>.pt``."""
     import json
 
+    index = json.loads((world / "toy-model" / "embeddings" / "videos2caption.json").read_text())[:rows]
+    index[entry][key] = str(path.parent / "gone" / f"{entry}.pt")
+    path.write_text(json.dumps(index))
+    return path
+
+
+def test_train_command_names_a_prompt_file_pointing_at_a_missing_embedding(world, tmp_path, capsys):
     from euphonium_ray.driver import main
 
-    index = json.loads((world / "toy-model" / "embeddings" / "videos2caption.json").read_text())
-    index[3]["prompt_embed_path"] = str(tmp_path / "gone" / "3.pt")
-    bad = tmp_path / "videos2caption.json"
-    bad.write_text(json.dumps(index))
+    bad = _index_with_a_missing_file(world, tmp_path / "videos2caption.json", 3, "prompt_embed_path")
     cfg = run_config(world, tmp_path / "out", f"data.prompts={bad}")
     assert main(["--config", _config_file(cfg, tmp_path / "c.yaml"), "--no-env"]) == 2
     err = capsys.readouterr().err
@@ -208,14 +214,9 @@ def test_train_command_names_a_prompt_file_pointing_at_a_missing_embedding(world
 
 
 def test_train_command_names_an_eval_prompt_file_pointing_at_a_missing_embedding(world, tmp_path, capsys):
-    import json
-
     from euphonium_ray.driver import main
 
-    index = json.loads((world / "toy-model" / "embeddings" / "videos2caption.json").read_text())[:4]
-    index[1]["prompt_attention_mask"] = str(tmp_path / "gone" / "1.pt")
-    bad = tmp_path / "heldout.json"
-    bad.write_text(json.dumps(index))
+    bad = _index_with_a_missing_file(world, tmp_path / "heldout.json", 1, "prompt_attention_mask", rows=4)
     cfg = run_config(world, tmp_path / "out", f"data.eval_prompts={bad}")
     assert main(["--config", _config_file(cfg, tmp_path / "c.yaml"), "--no-env"]) == 2
     err = capsys.readouterr().err
