@@ -4,7 +4,8 @@
 function returns, so the driver runs it on a background thread and talks to the loop through ``LearnerHub``, a
 small async actor: the driver ``submit``s a step's trajectory shards (one per rank), each rank's loop takes its
 shard with ``next_job``, runs ``learning.grpo_update`` (gradients averaged across ranks before each optimizer
-step), rank 0 publishes the new weights (version = step + 1) through ``actors.weights`` and writes checkpoints
+step: DDP's all-reduce, or with ``cluster.fsdp`` FSDP2's reduce-scatter over fully sharded fp32 masters and AdamW
+state, ``euphonium_ray.sharding``), rank 0 publishes the new weights (version = step + 1) through ``actors.weights`` and writes checkpoints
 (``checkpoint.save_checkpoint``, atomic, diffusers layout) which it also reports to Ray Train with the metrics;
 then every rank ``report``s its statistics to the hub, where the driver's ``result`` call picks them up.
 """
@@ -120,15 +121,18 @@ def learner_loop(config: dict[str, Any]) -> None:
 
     from actors.common import config_from, load_policy, set_threads
     from actors.weights import make_weight_sync, state_digest
-    from euphonium_ray.checkpoint import config_hash, load_checkpoint, save_checkpoint
+    from euphonium_ray.checkpoint import config_hash, load_checkpoint, read_optimizer_state, save_checkpoint
     from euphonium_ray.learning import grpo_update
     from euphonium_ray.sampling import sample_seed
+    from euphonium_ray.sharding import full_model_state, full_optimizer_state, load_full_optimizer_state, \
+        shard_transformer
     from euphonium_ray.trajectory import Trajectories
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = config_from(config["cfg"])
     hub = config["hub"]
+    sharded = cfg.cluster.fsdp
     try:
         set_threads(cfg.cluster.learner_cpus)
         import ray.train.torch as rtt
@@ -136,24 +140,40 @@ def learner_loop(config: dict[str, Any]) -> None:
         device = rtt.get_device() if cfg.cluster.learner_gpus > 0 else torch.device("cpu")
         policy = load_policy(cfg, "learner", device)
         o = cfg.optim
-        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
-                                      weight_decay=o.weight_decay)
-        start = 0
-        if config.get("resume"):
-            start = int(load_checkpoint(config["resume"], policy, optimizer)["step"])
+        resume = config.get("resume")
+        start = int(load_checkpoint(resume, policy)["step"]) if resume else 0
         if world > 1:
             _broadcast_parameters(policy)
-        grad_sync = _average_gradients(world) if world > 1 else None
+        sync_keys = list(policy.sync_state_dict())
         reference = load_policy(cfg, "reference", device) if o.kl_coef > 0 else None
+        if sharded:  # each rank keeps 1/world of the fp32 masters, gradients and AdamW moments
+            shard_transformer(policy.transformer, compute_dtype=policy.autocast_dtype)
+            if reference is not None:
+                shard_transformer(reference.transformer, compute_dtype=policy.autocast_dtype)
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
+                                      weight_decay=o.weight_decay)
+        if resume:
+            saved = read_optimizer_state(resume, optimizer)
+            if sharded:
+                load_full_optimizer_state(policy.transformer, optimizer, saved)
+            else:
+                optimizer.load_state_dict(saved)
+        grad_sync = _average_gradients(world) if world > 1 and not sharded else None  # FSDP reduce-scatters
+
+        def broadcast_state() -> dict[str, torch.Tensor]:
+            """What a weight broadcast carries; under FSDP a collective whose full tensors land on rank 0 only."""
+            return full_model_state(policy.transformer, sync_keys) if sharded else policy.sync_state_dict()
+
         sync = None
         if rank == 0:
             sync = make_weight_sync(config["sync_backend"], config["store"], rank=0,
                                     world_size=int(config["num_rollout_workers"]) + 1, device=str(device))
-        digest = state_digest(policy.sync_state_dict())
+        state = broadcast_state()
+        digest = state_digest(state) if state else None
         ray.get(hub.set_ready.remote(rank, {"start_step": start, "digest": digest, "pid": os.getpid(),
-                                            "device": str(device)}))
+                                            "device": str(device), "fsdp": sharded}))
         if sync is not None:
-            sync.publish(start, policy.sync_state_dict())
+            sync.publish(start, state)
         out_dir = Path(cfg.output.dir)
         while True:
             job = ray.get(hub.next_job.remote(rank))
@@ -173,25 +193,29 @@ def learner_loop(config: dict[str, Any]) -> None:
             stats["learn_seconds"] = time.perf_counter() - t0
             version = step + 1
             stats["version"] = version
-            stats["digest"] = state_digest(policy.sync_state_dict())
+            state = broadcast_state()
+            stats["digest"] = state_digest(state) if state else None
             ckpt_path = None
-            if rank == 0 and (version % cfg.output.save_every == 0 or version == cfg.steps):
+            if version % cfg.output.save_every == 0 or version == cfg.steps:
                 t1 = time.perf_counter()
-                run_state = {"weight_version": version, "seed": cfg.seed, "config_hash": config_hash(cfg),
-                             "mode": cfg.cluster.mode}
-                ckpt_path = save_checkpoint(out_dir, version, policy, optimizer, run_state,
-                                            keep=cfg.output.keep_checkpoints)
-                stats["checkpoint"] = str(ckpt_path)
-                stats["checkpoint_seconds"] = time.perf_counter() - t1
+                full_optim = full_optimizer_state(policy.transformer, optimizer) if sharded else None
+                if rank == 0:
+                    run_state = {"weight_version": version, "seed": cfg.seed, "config_hash": config_hash(cfg),
+                                 "mode": cfg.cluster.mode}
+                    ckpt_path = save_checkpoint(out_dir, version, policy, optimizer, run_state,
+                                                keep=cfg.output.keep_checkpoints,
+                                                policy_state=state if sharded else None, optimizer_state=full_optim)
+                    stats["checkpoint"] = str(ckpt_path)
+                    stats["checkpoint_seconds"] = time.perf_counter() - t1
             scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
             ray_ckpt = ray.train.Checkpoint.from_directory(str(ckpt_path)) if ckpt_path is not None else None
             ray.train.report(scalars, checkpoint=ray_ckpt, checkpoint_dir_name=f"step-{version}" if ray_ckpt else None,
                              delete_local_checkpoint_after_upload=False if ray_ckpt else None)
             if sync is not None and sync.backend == "object_store":
-                stats["publish"] = sync.publish(version, policy.sync_state_dict())
+                stats["publish"] = sync.publish(version, state)
             ray.get(hub.report.remote(rank, step, stats))
             if sync is not None and sync.backend == "collective":  # receivers join after the driver sees the report
-                sync.publish(version, policy.sync_state_dict())
+                sync.publish(version, state)
     except BaseException as exc:
         ray.get(hub.fail.remote(f"rank {rank}: {type(exc).__name__}: {exc}"))
         raise

@@ -83,9 +83,11 @@ def _jsonable(value: Any, where: str) -> Any:
     return value
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into flat tensors (``state.<param>.<name>``) and a JSON-able rest."""
-    sd = optimizer.state_dict()
+def optimizer_to_files(optimizer: torch.optim.Optimizer,
+                       state_dict: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` (or ``state_dict``, the same form gathered from FSDP shards) into flat
+    tensors (``state.<param>.<name>``) and a JSON-able rest."""
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors: dict[str, Tensor] = {}
     state_meta: dict[str, dict[str, Any]] = {}
     for pid, entry in sd["state"].items():
@@ -107,8 +109,10 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tens
     return tensors, meta
 
 
-def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of ``optimizer_to_files``: rebuild the state dict and load it into ``optimizer``."""
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                         meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``optimizer_to_files``: the state dict in ``optimizer.state_dict()``'s form, checked against
+    ``optimizer`` (its class and param groups); load it with ``optimizer.load_state_dict``."""
     if meta.get("class") != type(optimizer).__name__:
         raise CheckpointError(f"optimizer state is for {meta.get('class')}, not {type(optimizer).__name__}")
     current = optimizer.state_dict()["param_groups"]
@@ -126,7 +130,20 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, Te
         for name, value in live.items():  # JSON turned tuples (betas) into lists; give them back their type
             if isinstance(value, tuple) and isinstance(group.get(name), list):
                 group[name] = tuple(group[name])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def read_optimizer_state(folder: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state a checkpoint folder holds, in ``optimizer.state_dict()``'s form (not yet loaded)."""
+    folder = Path(folder)
+    meta_file = folder / OPTIMIZER_META
+    if not meta_file.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no optimizer state ({meta_file})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_file} is not valid JSON: {exc}") from None
+    return optimizer_from_files(optimizer, read_safetensors(folder / OPTIMIZER_TENSORS), meta)
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -220,8 +237,13 @@ def save_checkpoint(
     run_state: dict[str, Any],
     *,
     keep: int | None = None,
+    policy_state: dict[str, Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``root/checkpoints/step-N`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``root/checkpoints/step-N`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``policy_state`` / ``optimizer_state``: full states gathered from FSDP shards, written in place of what the
+    (sharded) ``policy`` and ``optimizer`` hold, into the same files."""
     if step < 0:
         raise CheckpointError(f"step must be >= 0, got {step}")
     state = {"format": FORMAT_VERSION, **run_state, "step": int(step)}
@@ -233,9 +255,12 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        policy.save_pretrained(tmp / "transformer")
+        if policy_state is None:
+            policy.save_pretrained(tmp / "transformer")
+        else:
+            policy.save_pretrained(tmp / "transformer", state=policy_state)
         if optimizer is not None:
-            tensors, meta = optimizer_to_files(optimizer)
+            tensors, meta = optimizer_to_files(optimizer, optimizer_state)
             save_file(tensors, str(tmp / OPTIMIZER_TENSORS), metadata={"format": "pt"})
             (tmp / OPTIMIZER_META).write_text(json.dumps(meta, indent=1))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -292,12 +317,5 @@ def load_checkpoint(
         else:
             policy.load_sync_state_dict(read_transformer_weights(tdir))
     if optimizer is not None:
-        meta_file = folder / OPTIMIZER_META
-        if not meta_file.is_file():
-            raise CheckpointError(f"checkpoint {folder} has no optimizer state ({meta_file})")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{meta_file} is not valid JSON: {exc}") from None
-        optimizer_from_files(optimizer, read_safetensors(folder / OPTIMIZER_TENSORS), meta)
+        optimizer.load_state_dict(read_optimizer_state(folder, optimizer))
     return state

@@ -275,6 +275,13 @@ class RunConfig(Section):
                 raise ValueError(f"{name}.end={win.end} is past sampler.num_steps={n}")
         return self
 
+    @model_validator(mode="after")
+    def _fsdp_trains_full_weights(self) -> "RunConfig":
+        if self.cluster.fsdp and self.model.trainable != "full":
+            raise ValueError(f"cluster.fsdp=true shards a fully trained policy; model.trainable="
+                             f"{self.model.trainable!r} needs cluster.fsdp=false (LoRA adapters are small: DDP)")
+        return self
+
     # ------------------------------------------------------------------------------------------ I/O
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

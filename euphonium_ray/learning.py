@@ -28,6 +28,7 @@ from euphonium_ray.grpo import (
 )
 from euphonium_ray.models.base import Policy
 from euphonium_ray.sde import flow_sigma_1, step_std, transition_log_prob, unguided_mean
+from euphonium_ray.sharding import to_float
 from euphonium_ray.trajectory import Trajectories
 
 __all__ = ["Advantages", "compute_advantages", "grpo_update", "trainable_transitions"]
@@ -235,7 +236,7 @@ def grpo_update(
                         totals.first_max = max(totals.first_max, stats["ratio_max"])
             if grad_sync is not None:
                 grad_sync(params)
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)))
+            grad_norms.append(to_float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             updates += 1

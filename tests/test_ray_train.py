@@ -167,19 +167,31 @@ def test_short_euphonium_run_raises_the_toy_orm_reward(world, local_ray, tmp_pat
     assert after > before + 0.02
 
 
-def test_two_data_parallel_learners_over_gloo_share_the_groups_and_stay_identical(world, local_ray, tmp_path):
-    """The multi-learner code path without GPUs (DDP on gloo): each rank trains half of the step's groups, the
-    driver refuses to go on if the ranks' parameters differ, and the rollout worker receives the same weights."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_learners_over_gloo_share_the_groups_and_broadcast_the_trained_weights(world, local_ray, tmp_path, fsdp):
+    """The multi-learner code paths without GPUs, on gloo: DDP (the driver refuses to go on if the ranks'
+    parameters differ) and FSDP (each rank holds half of the weights and AdamW state; the broadcast and the
+    checkpoint are gathered from the shards). Each rank trains half of the step's groups, and the rollout worker
+    ends every step with exactly the learner's weights."""
+    from actors.weights import state_digest
+    from euphonium_ray.checkpoint import latest_checkpoint, read_transformer_weights
+
     cfg = run_config(world, tmp_path, "steps=2", "cluster.num_learners=2", "cluster.learner_cpus=0.5",
-                     "cluster.rollout_cpus=0.5")
+                     "cluster.rollout_cpus=0.5", f"cluster.fsdp={str(fsdp).lower()}")
     same: list[bool] = []
+    digests: list[str] = []
 
     def on_event(event, step, system, record):
         if event == "step_end":
+            digests.append(record["digest"])
             same.append(all(d == record["digest"] for _, d in system.worker_digests()))
 
     summary = train(cfg, progress=False, on_event=on_event, evaluate=False)
     assert [h["step"] for h in summary["history"]] == [0, 1] and same == [True, True]
+    assert digests[0] != digests[1]  # the second step changed the weights again
+    # the last checkpoint (written from the gathered shards under FSDP) holds the broadcast weights
+    saved = read_transformer_weights(latest_checkpoint(cfg.output.dir) / "transformer")
+    assert state_digest(saved) == digests[-1]
     for h in summary["history"]:
         s = h["scalars"]
         # rank 0's share: 1 of the 2 groups (4 samples) × 4 of the 7 trainable transitions (fraction 0.6)

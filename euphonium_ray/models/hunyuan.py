@@ -246,16 +246,25 @@ class HunyuanVideoPolicy:
                         merged[key] = (merged[key].float() + delta.float()).to(merged[key].dtype)
         return {k: v.contiguous() for k, v in merged.items()}
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
         """A diffusers transformer folder (config.json + diffusion_pytorch_model.safetensors) that
         ``HunyuanVideoTransformer3DModel.from_pretrained`` loads; LoRA runs also get ``lora/`` (the adapter alone,
-        in diffusers' ``pytorch_lora_weights.safetensors`` format) and save the merged weights."""
+        in diffusers' ``pytorch_lora_weights.safetensors`` format) and save the merged weights. ``state``: the
+        full weights to write instead of the live ones (gathered from FSDP shards; full fine-tuning only)."""
+        from safetensors.torch import save_file
+
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            if self.is_lora:
+                raise ValueError("save_pretrained(state=...) writes full weights; a LoRA policy saves its adapter")
+            self.transformer.save_config(out)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"),
+                      metadata={"format": "pt"})
+            return
         if not self.is_lora:
             self.transformer.save_pretrained(out, safe_serialization=True)
             return
-        from safetensors.torch import save_file
 
         self.transformer.save_config(out)
         save_file(self.merged_state_dict(), str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
