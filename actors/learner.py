@@ -5,8 +5,9 @@ function returns, so the driver runs it on a background thread and talks to the 
 small async actor: the driver ``submit``s a step's trajectory shards (one per rank), each rank's loop takes its
 shard with ``next_job``, runs ``learning.grpo_update`` (gradients averaged across ranks before each optimizer
 step: DDP's all-reduce, or with ``cluster.fsdp`` FSDP2's reduce-scatter over fully sharded fp32 masters and AdamW
-state, ``euphonium_ray.sharding``), rank 0 publishes the new weights (version = step + 1) through ``actors.weights`` and writes checkpoints
-(``checkpoint.save_checkpoint``, atomic, diffusers layout) which it also reports to Ray Train with the metrics;
+state, ``euphonium_ray.sharding``), rank 0 publishes the new weights (version = step + 1) through
+``actors.weights`` and writes checkpoints (``checkpoint.save_checkpoint``, atomic, diffusers layout; under FSDP
+every rank joins the gather and rank 0 writes) which it also reports to Ray Train with the metrics;
 then every rank ``report``s its statistics to the hub, where the driver's ``result`` call picks them up.
 """
 

@@ -206,10 +206,23 @@ class CollectiveSync:
             self._tcp = dist.TCPStore(info["host"], int(info["port"]), self.world_size, False, self.timeout)
         prefixed = dist.PrefixStore("euphonium-weights", self._tcp)
         if self.device.type == "cuda":
+            self._refuse_shared_gpus(prefixed)
             self._pg = dist.ProcessGroupNCCL(prefixed, self.rank, self.world_size)
         else:
             self._pg = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, self.timeout)
         return self._pg
+
+    def _refuse_shared_gpus(self, store: Any) -> None:
+        """NCCL refuses a group in which two ranks sit on one GPU ("Duplicate GPU detected", seen on an H200 with
+        NCCL 2.28): say so by role before NCCL does, since colocated fractional-GPU layouts end up there."""
+        here = f"{ray.util.get_node_ip_address()}/{torch.cuda.get_device_properties(self.device).uuid}"
+        store.set(f"gpu/{self.rank}", here)
+        where = {r: store.get(f"gpu/{r}").decode() for r in range(self.world_size)}
+        shared = ranks_sharing_a_device(where)
+        if shared:
+            names = "; ".join(" and ".join(_member_name(r) for r in group) for group in shared)
+            raise RuntimeError(f"weight broadcast over NCCL needs one GPU per member, but {names} share a GPU "
+                               "(a colocated, fractional-GPU layout); set EUPHONIUM_WEIGHT_SYNC=object_store")
 
     def _broadcast(self, buffers: dict[str, Tensor]) -> None:
         import torch.distributed as dist
@@ -245,6 +258,18 @@ class CollectiveSync:
         buffers = {d: torch.empty(n, dtype=getattr(torch, d), device=self.device) for d, n in sizes.items()}
         self._broadcast(buffers)
         return version, _unflatten(buffers, layout)
+
+
+def ranks_sharing_a_device(where: dict[int, str]) -> list[list[int]]:
+    """Groups of ranks placed on the same device, each sorted; empty when every rank has its own."""
+    by_device: dict[str, list[int]] = {}
+    for rank in sorted(where):
+        by_device.setdefault(where[rank], []).append(rank)
+    return [ranks for ranks in by_device.values() if len(ranks) > 1]
+
+
+def _member_name(rank: int) -> str:
+    return "the learner" if rank == 0 else f"rollout worker {rank - 1}"
 
 
 def make_weight_sync(backend: str, store: Any, *, rank: int = 0, world_size: int = 1, device: str = "cpu") -> WeightSync:

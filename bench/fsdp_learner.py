@@ -4,6 +4,11 @@ weights, bf16 compute, activation checkpointing, full fine-tuning with AdamW. A 
 sharded model (no gradients) gives the step its trajectories; then GRPO steps with random advantages (this fixes
 memory and time, not learning). Per rank: peak GPU memory and seconds, written as JSON.
 
+With ``--prm-blocks N`` the step is Euphonium's, timed by phase on the learner's GPU (the colocated layout): a
+latent PRM copied from the policy's embeddings and first N dual-stream blocks guides the rollout (RGG on the
+upstream window) and gives the process rewards; the outcome reward is random (no full-size ORM exists here);
+the GRPO update uses both; the publish phase gathers the full state that a weight broadcast sends.
+
     torchrun --nproc-per-node 2 bench/fsdp_learner.py --out OUT              # 2 GPUs, full depth (20 + 40 blocks)
     python bench/fsdp_learner.py --layers 10 --single-layers 20 --out OUT    # 1 GPU: half depth fits 139 GiB
     python bench/fsdp_learner.py --tiny --out /tmp/fsdp                      # anywhere (CPU, gloo)
@@ -29,6 +34,7 @@ from euphonium_ray.config import load_config  # noqa: E402
 from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402
 from euphonium_ray.models.base import TextConditioning  # noqa: E402
 from euphonium_ray.models.hunyuan import HunyuanVideoPolicy  # noqa: E402
+from euphonium_ray.models.prm import LatentPRM  # noqa: E402
 from euphonium_ray.sampling import sample_trajectories  # noqa: E402
 from euphonium_ray.sharding import full_model_state, shard_transformer  # noqa: E402
 
@@ -78,9 +84,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frames, size, tokens = (5, 32, 32) if args.tiny else (args.frames, args.size, 256)
     latent_shape = (16, (frames - 1) // 4 + 1, size // 8, size // 8)
     g = args.group_size
+    guided = args.prm_blocks > 0
     cfg = load_config(None, [f"sampler.group_size={g}", f"optim.grad_accum={args.grad_accum or g}", "optim.lr=1e-5",
-                             "steps=1", "rgg.enabled=false", "advantage.mode=none", "cluster.fsdp=true"],
-                      use_env=False)
+                             "steps=1", f"rgg.enabled={str(guided).lower()}",
+                             f"advantage.mode={'both' if guided else 'none'}", "rewards.latent_outcome=false",
+                             "cluster.fsdp=true"], use_env=False)
 
     t0 = time.perf_counter()
     torch.manual_seed(0)  # every rank builds the same weights, then keeps its shard
@@ -91,6 +99,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_checkpointing:
         transformer.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in transformer.parameters())
+    prm = None
+    if guided:  # copied before sharding: the PRM stays whole (it is not trained here), in the compute dtype
+        prm = LatentPRM.from_policy(transformer, num_dual_blocks=args.prm_blocks, num_single_blocks=0)
+        prm.requires_grad_(False)
+        prm.to(compute or torch.float32)
     units = shard_transformer(transformer, compute_dtype=compute)
     if on_gpu:
         torch.cuda.empty_cache()
@@ -107,15 +120,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cond = TextConditioning(prompt, mask, torch.randn(1, policy.config.pooled_projection_dim, generator=gen))
     cond = cond.to(device).repeat_interleave(g)
 
+    def prm_in_chunks(x: torch.Tensor, sig: torch.Tensor, c: TextConditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """The PRM's score and input gradient, ``--prm-micro-batch`` samples at a time."""
+        assert prm is not None
+        step = args.prm_micro_batch or x.shape[0]
+        parts = [prm.score_and_grad(x[i:i + step], sig[i:i + step], c.index(slice(i, i + step)))
+                 for i in range(0, x.shape[0], step)]
+        return torch.cat([s for s, _ in parts]), torch.cat([d for _, d in parts])
+
+    timings: dict[str, float] = {}
     _sync(device)
     t = time.perf_counter()
-    traj = sample_trajectories(policy, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa, prm=None,
-                               latent_shape=latent_shape, group_size=g,
-                               generator=torch.Generator().manual_seed(1 + rank), micro_batch=args.micro_batch)
+    traj = sample_trajectories(policy, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa,
+                               prm=prm_in_chunks if guided else None, latent_shape=latent_shape, group_size=g,
+                               generator=torch.Generator().manual_seed(1 + rank), micro_batch=args.micro_batch,
+                               timings=timings)
     _sync(device)
-    report["rollout"] = {"seconds": time.perf_counter() - t, **_mem(device)}
+    report["rollout"] = {"seconds": time.perf_counter() - t, "rgg": guided,
+                         "policy_seconds": timings.get("policy"), "prm_seconds": timings.get("prm"),
+                         "guided_steps": int(traj.process_evaluated[0].sum()) if guided else 0, **_mem(device)}
 
+    t = time.perf_counter()
     adv = compute_advantages(traj, torch.randn(g, generator=gen), None, cfg)
+    report["advantages_seconds"] = time.perf_counter() - t
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     steps = []
     for i in range(args.steps):
@@ -150,7 +177,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "local_parameters": local_params, "fsdp_units": units, "layers": [args.layers, args.single_layers],
         "compute_dtype": str(compute or torch.float32), "master_dtype": "torch.float32",
         "activation_checkpointing": not args.no_checkpointing, "group_size": g, "latent_shape": list(latent_shape),
-        "text_tokens": tokens, "grad_accum": args.grad_accum or g, **report,
+        "text_tokens": tokens, "grad_accum": args.grad_accum or g, "prm_dual_blocks": args.prm_blocks,
+        "prm_parameters": sum(p.numel() for p in prm.parameters()) if prm is not None else 0, **report,
     }
 
 
@@ -167,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="GRPO steps to time (the first allocates AdamW state)")
     p.add_argument("--micro-batch", type=int, default=None, help="rollout micro-batch")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--prm-blocks", type=int, default=0, help="PRM dual-stream blocks: >0 runs a Euphonium step (RGG)")
+    p.add_argument("--prm-micro-batch", type=int, default=2, help="samples per PRM gradient pass")
     args = p.parse_args(argv)
     report = run(args)
     out = Path(args.out)

@@ -129,12 +129,14 @@ def connect(cfg: RunConfig, address: str | None) -> bool:
 
 
 def weight_sync_backend(cfg: RunConfig) -> str:
-    """GPU learner and GPU rollouts: a collective broadcast; otherwise the object store. Override with
+    """Whole GPUs for the learner and the rollouts: a collective (NCCL) broadcast; otherwise the object store.
+    Fractional GPUs mean members may share a device, and NCCL refuses two ranks on one GPU. Override with
     ``EUPHONIUM_WEIGHT_SYNC=object_store|collective``."""
     forced = os.environ.get("EUPHONIUM_WEIGHT_SYNC")
     if forced:
         return forced
-    return "collective" if cfg.cluster.learner_gpus > 0 and cfg.cluster.rollout_gpus > 0 else "object_store"
+    whole = cfg.cluster.learner_gpus >= 1 and cfg.cluster.rollout_gpus >= 1
+    return "collective" if whole else "object_store"
 
 
 # -------------------------------------------------------------------------------------------------- loop

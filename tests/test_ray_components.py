@@ -299,3 +299,24 @@ def test_prompt_order_and_sample_seeds_are_pure_functions_of_the_step():
     seeds = seeds_for(42, 3, [5, 9, 5], 2, 48)
     assert len(set(seeds)) == 6 and seeds == seeds_for(42, 3, [5, 9, 5], 2, 48)
     assert seeds[:2] == seeds_for(42, 3, [5], 2, 48)  # a prompt's seeds do not depend on its batch-mates
+
+
+def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_by_role(monkeypatch):
+    """NCCL refuses two ranks on one GPU (measured on an H200: "Duplicate GPU detected", NCCL 2.28), so a
+    fractional-GPU layout defaults to the object store, and a forced collective names the members that collide."""
+    from actors.weights import ranks_sharing_a_device
+    from euphonium_ray.driver import weight_sync_backend
+
+    monkeypatch.delenv("EUPHONIUM_WEIGHT_SYNC", raising=False)
+
+    def backend(learner: float, rollout: float) -> str:
+        return weight_sync_backend(load_config(None, [f"cluster.learner_gpus={learner}",
+                                                      f"cluster.rollout_gpus={rollout}"], use_env=False))
+
+    assert backend(1, 1) == "collective"
+    assert backend(0.5, 0.5) == backend(1, 0.5) == backend(0, 1) == "object_store"
+    monkeypatch.setenv("EUPHONIUM_WEIGHT_SYNC", "collective")
+    assert backend(0.5, 0.5) == "collective"
+    where = {0: "10.0.0.1/GPU-a", 1: "10.0.0.1/GPU-b", 2: "10.0.0.1/GPU-a", 3: "10.0.0.2/GPU-a", 4: "10.0.0.1/GPU-b"}
+    assert ranks_sharing_a_device(where) == [[0, 2], [1, 4]]
+    assert ranks_sharing_a_device({0: "n/GPU-a", 1: "n/GPU-b"}) == []

@@ -168,13 +168,16 @@ def test_short_euphonium_run_raises_the_toy_orm_reward(world, local_ray, tmp_pat
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_learners_over_gloo_share_the_groups_and_broadcast_the_trained_weights(world, local_ray, tmp_path, fsdp):
-    """The multi-learner code paths without GPUs, on gloo: DDP (the driver refuses to go on if the ranks'
-    parameters differ) and FSDP (each rank holds half of the weights and AdamW state; the broadcast and the
-    checkpoint are gathered from the shards). Each rank trains half of the step's groups, and the rollout worker
-    ends every step with exactly the learner's weights."""
+def test_two_learners_over_gloo_share_the_groups_and_broadcast_the_trained_weights(world, local_ray, tmp_path, fsdp,
+                                                                                     monkeypatch):
+    """The multi-learner code paths without GPUs, on gloo: DDP with the object-store broadcast (the driver refuses
+    to go on if the ranks' parameters differ) and FSDP with the collective broadcast (each rank holds half of the
+    weights and AdamW state; the broadcast and the checkpoint are gathered from the shards). Each rank trains half
+    of the step's groups, and the rollout worker ends every step with exactly the learner's weights."""
     from actors.weights import state_digest
     from euphonium_ray.checkpoint import latest_checkpoint, read_transformer_weights
+
+    monkeypatch.setenv("EUPHONIUM_WEIGHT_SYNC", "collective" if fsdp else "object_store")
 
     cfg = run_config(world, tmp_path, "steps=2", "cluster.num_learners=2", "cluster.learner_cpus=0.5",
                      "cluster.rollout_cpus=0.5", f"cluster.fsdp={str(fsdp).lower()}")
@@ -187,6 +190,8 @@ def test_two_learners_over_gloo_share_the_groups_and_broadcast_the_trained_weigh
             same.append(all(d == record["digest"] for _, d in system.worker_digests()))
 
     summary = train(cfg, progress=False, on_event=on_event, evaluate=False)
+    log = next(Path(cfg.output.dir).rglob("train.log")).read_text()
+    assert f"weight sync {'collective' if fsdp else 'object_store'}" in log
     assert [h["step"] for h in summary["history"]] == [0, 1] and same == [True, True]
     assert digests[0] != digests[1]  # the second step changed the weights again
     # the last checkpoint (written from the gathered shards under FSDP) holds the broadcast weights
