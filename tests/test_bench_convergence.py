@@ -107,6 +107,23 @@ def test_speedup_is_the_ratio_of_median_steps_and_runs_are_cut_to_the_common_bud
     assert res["candidate_vs_baseline"]["seconds_train"] == pytest.approx(9 / 8)
 
 
+
+def test_a_baseline_that_ends_below_its_start_makes_the_to_target_cells_vacuous_not_zero():
+    """Every run "reaches" a target below its own start at step 0; the table must not read that as a result."""
+    from euphonium_ray.benchmarks.analysis import markdown_table
+
+    falling = [0.7 - 0.01 * t for t in range(10)]
+    logs = [_log("dance-grpo", s, falling, 1.0, [0.65, 0.64, 0.63], 5) for s in (0, 1)]
+    logs += [_log("euphonium", s, falling, 1.0, [0.65, 0.60, 0.62], 5) for s in (0, 1)]
+    res = analyse(logs, "dance-grpo", "euphonium", smoothing=1)
+    assert res["baseline_improved_train"] is False and res["baseline_improved_heldout"] is False
+    assert res["methods"]["euphonium"]["steps_to_target_train"]["median"] == 0.0  # the raw number stays in JSON
+    row = next(line for line in markdown_table(res).splitlines() if line.startswith("| euphonium |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == cells[3] == cells[5] == cells[6] == "vacuous"
+    assert cells[7].startswith("0.6200 ± 0.0000")
+
+
 # ------------------------------------------------------------------------------------------------ configs
 
 

@@ -228,6 +228,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         "| train reward - baseline, 2nd half | s/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    vacuous_train = result.get("baseline_improved_train") is False
+    vacuous_held = result.get("baseline_improved_heldout") is False
+
+    def to_target(s: dict[str, Any] | None, fmt: str, vacuous: bool) -> str:
+        return "vacuous" if vacuous else spread(s, fmt)
+
     for name, m in result["methods"].items():
         sp = m["speedup_vs_baseline"]
         fin = m["final_heldout_reward"]
@@ -238,9 +244,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         gain = m.get("train_reward_minus_baseline_second_half")
         gain_s = "-" if gain is None else f"{gain['mean']:+.4f} ± {gain['std']:.4f}"
         lines.append(
-            f"| {name} | {spread(m['steps_to_target_train'], '.0f')} | {ratio(sp['steps_train'])} "
-            f"| {spread(m['seconds_to_target_train'], '.1f')} | {ratio(sp['seconds_train'])} "
-            f"| {spread(m['steps_to_target_heldout'], '.0f')} | {spread(m['seconds_to_target_heldout'], '.1f')} "
+            f"| {name} | {to_target(m['steps_to_target_train'], '.0f', vacuous_train)} | {ratio(sp['steps_train'])} "
+            f"| {to_target(m['seconds_to_target_train'], '.1f', vacuous_train)} | {ratio(sp['seconds_train'])} "
+            f"| {to_target(m['steps_to_target_heldout'], '.0f', vacuous_held)} "
+            f"| {to_target(m['seconds_to_target_heldout'], '.1f', vacuous_held)} "
             f"| {fin_s} | {gain_s} | {m['seconds_per_step']['mean']:.2f} |"
         )
     return "\n".join(lines) + "\n"
