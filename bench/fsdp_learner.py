@@ -17,6 +17,7 @@ the GRPO update uses both; the publish phase gathers the full state that a weigh
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -120,19 +121,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cond = TextConditioning(prompt, mask, torch.randn(1, policy.config.pooled_projection_dim, generator=gen))
     cond = cond.to(device).repeat_interleave(g)
 
-    def prm_in_chunks(x: torch.Tensor, sig: torch.Tensor, c: TextConditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        """The PRM's score and input gradient, ``--prm-micro-batch`` samples at a time."""
-        assert prm is not None
-        step = args.prm_micro_batch or x.shape[0]
-        parts = [prm.score_and_grad(x[i:i + step], sig[i:i + step], c.index(slice(i, i + step)))
-                 for i in range(0, x.shape[0], step)]
-        return torch.cat([s for s, _ in parts]), torch.cat([d for _, d in parts])
-
+    prm_in_chunks = (functools.partial(prm.score_and_grad_in_chunks, micro_batch=args.prm_micro_batch)
+                     if prm is not None else None)
     timings: dict[str, float] = {}
     _sync(device)
     t = time.perf_counter()
     traj = sample_trajectories(policy, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa,
-                               prm=prm_in_chunks if guided else None, latent_shape=latent_shape, group_size=g,
+                               prm=prm_in_chunks, latent_shape=latent_shape, group_size=g,
                                generator=torch.Generator().manual_seed(1 + rank), micro_batch=args.micro_batch,
                                timings=timings)
     _sync(device)

@@ -11,6 +11,7 @@ The same code runs at a tiny size on CPU (``--tiny``) so that it cannot rot betw
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -96,12 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cond = TextConditioning(prompt, mask, torch.randn(1, pooled_dim, generator=gen)).to(device, dtype)
     cond = cond.repeat_interleave(g)
 
-    def prm_in_chunks(x: torch.Tensor, sig: torch.Tensor, c: TextConditioning) -> tuple[torch.Tensor, torch.Tensor]:
-        """The PRM's input gradient in chunks of ``--prm-micro-batch`` (activations of its blocks are kept)."""
-        step = args.prm_micro_batch or x.shape[0]
-        parts = [prm.score_and_grad(x[i:i + step], sig[i:i + step], c.index(slice(i, i + step)))
-                 for i in range(0, x.shape[0], step)]
-        return torch.cat([s for s, _ in parts]), torch.cat([g for _, g in parts])
+    prm_in_chunks = functools.partial(prm.score_and_grad_in_chunks, micro_batch=args.prm_micro_batch)
 
     results: dict[str, Any] = {}
     for label, rgg_on in (("no_rgg", False), ("rgg", True)):

@@ -136,13 +136,7 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, Te
 def read_optimizer_state(folder: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state a checkpoint folder holds, in ``optimizer.state_dict()``'s form (not yet loaded)."""
     folder = Path(folder)
-    meta_file = folder / OPTIMIZER_META
-    if not meta_file.is_file():
-        raise CheckpointError(f"checkpoint {folder} has no optimizer state ({meta_file})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_file} is not valid JSON: {exc}") from None
+    meta = _read_json(folder / OPTIMIZER_META, f"checkpoint {folder} has no optimizer state")
     return optimizer_from_files(optimizer, read_safetensors(folder / OPTIMIZER_TENSORS), meta)
 
 
@@ -255,7 +249,7 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        if policy_state is None:
+        if policy_state is None:  # every Policy saves itself; only the HunyuanVideo adapter takes a gathered state
             policy.save_pretrained(tmp / "transformer")
         else:
             policy.save_pretrained(tmp / "transformer", state=policy_state)
@@ -282,14 +276,18 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     return removed
 
 
-def read_state(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / STATE_FILE
+def _read_json(file: Path, missing: str) -> Any:
+    """A checkpoint's JSON file; a missing or malformed one is a CheckpointError naming it."""
     if not file.is_file():
-        raise CheckpointError(f"not a checkpoint (no {STATE_FILE}): {Path(path)}")
+        raise CheckpointError(f"{missing} ({file})")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    return _read_json(Path(path) / STATE_FILE, f"not a checkpoint (no {STATE_FILE}): {Path(path)}")
 
 
 def resolve_checkpoint(root_or_path: str | Path, which: str = "latest") -> Path:

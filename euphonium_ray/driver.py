@@ -213,7 +213,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
                 upcoming = system.rollout_and_score(step + 1, step, prompts_for_step(
                     step + 1, n_prompts, cfg.data.prompts_per_step, cfg.data.shuffle_seed))
             stats = system.learning_result(step)
-            if not cfg.cluster.fsdp and len({r.get("digest") for r in stats.get("ranks", [stats])}) > 1:
+            # ranks that hold the full weights report their digest (under FSDP only rank 0 gathers them)
+            if len({r["digest"] for r in stats.get("ranks", [stats]) if r.get("digest") is not None}) > 1:
                 raise RunError(f"step {step}: the learner's data-parallel ranks hold different parameters")
             batch.timings["learn"] = time.perf_counter() - t0
             broadcast = system.broadcast(step + 1) if cfg.cluster.mode == "sync" else {"seconds": 0.0}

@@ -115,6 +115,10 @@ def test_gradient_is_per_sample_so_batching_does_not_mix_samples(prm: LatentPRM)
     for i in range(3):
         _, alone = prm.score_and_grad(x[i : i + 1], sigma[i : i + 1], cond.index([i]))
         torch.testing.assert_close(grad[i : i + 1], alone, rtol=1e-4, atol=1e-6)
+    scores, _ = prm.score_and_grad(x, sigma, cond)
+    chunked_scores, chunked = prm.score_and_grad_in_chunks(x, sigma, cond, micro_batch=2)  # chunks of 2 and 1
+    torch.testing.assert_close(chunked, grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked_scores, scores, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_weights_give_an_fp32_gradient_close_to_the_fp32_one(prm: LatentPRM) -> None:

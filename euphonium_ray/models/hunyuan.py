@@ -253,22 +253,18 @@ class HunyuanVideoPolicy:
         full weights to write instead of the live ones (gathered from FSDP shards; full fine-tuning only)."""
         from safetensors.torch import save_file
 
+        if state is not None and self.is_lora:
+            raise ValueError("save_pretrained(state=...) writes full weights; a LoRA policy saves its adapter")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            if self.is_lora:
-                raise ValueError("save_pretrained(state=...) writes full weights; a LoRA policy saves its adapter")
-            self.transformer.save_config(out)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"),
-                      metadata={"format": "pt"})
-            return
-        if not self.is_lora:
+        if state is None and not self.is_lora:
             self.transformer.save_pretrained(out, safe_serialization=True)
             return
-
+        weights = self.merged_state_dict() if state is None else {k: v.contiguous() for k, v in state.items()}
         self.transformer.save_config(out)
-        save_file(self.merged_state_dict(), str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        self.transformer.save_lora_adapter(out / LORA_ADAPTER_DIR)
+        save_file(weights, str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        if self.is_lora:
+            self.transformer.save_lora_adapter(out / LORA_ADAPTER_DIR)
 
     def load_pretrained(self, path: str | Path) -> None:
         """Restore what ``save_pretrained`` wrote: the full weights, or for LoRA the adapter (not the merge, which

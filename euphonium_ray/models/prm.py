@@ -212,6 +212,15 @@ class LatentPRM(nn.Module):
             (grad,) = torch.autograd.grad(out.sum(), x)
         return out.detach(), grad.to(latents.device)
 
+    def score_and_grad_in_chunks(self, latents: Tensor, sigma: Tensor, cond: TextConditioning,
+                                 micro_batch: int | None = None) -> tuple[Tensor, Tensor]:
+        """``score_and_grad`` over ``micro_batch`` samples at a time, so that only one chunk's activations are
+        held (a full-size PRM's gradient over a whole group does not fit in memory at once)."""
+        step = micro_batch or latents.shape[0]
+        parts = [self.score_and_grad(latents[i:i + step], sigma[i:i + step], cond.index(slice(i, i + step)))
+                 for i in range(0, latents.shape[0], step)]
+        return torch.cat([s for s, _ in parts]), torch.cat([g for _, g in parts])
+
     # ------------------------------------------------------------------------------------------- files
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors`` atomically (temp files renamed into place)."""
