@@ -1,22 +1,22 @@
 """What every actor does when it starts: pick its device and thread count, load its model from the run config.
 
-Models come only through the contracts of ``models/base.py`` and the loaders of the models package; an actor
-that cannot load its model fails at construction with the loader's error (which names the missing path).
+Models come only through the contracts of ``models/base.py`` and the component registries (``registry.py``: policy
+family, codec, PRM kind, ORM backend); an actor that cannot load its model fails at construction with the loader's
+error (which names the missing path).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
 from euphonium_ray.config import RunConfig
 from euphonium_ray.models.base import LatentCodec, OutcomeRewardModel
 
-__all__ = ["actor_device", "build_orm", "load_codec_for", "load_policy", "load_prm", "register_orm_backend",
-           "set_threads"]
+__all__ = ["actor_device", "build_orm", "config_from", "load_codec_for", "load_policy", "load_prm", "set_threads"]
 
 Role = Literal["rollout", "learner", "reference"]
 
@@ -36,8 +36,10 @@ def actor_device(gpus: float) -> torch.device:
 def load_policy(cfg: RunConfig, role: Role, device: torch.device):
     """The policy for one role: rollout copies in ``model.dtype`` on GPU (fp32 on CPU), frozen; the learner's
     fp32 master weights (autocast ``model.dtype`` on GPU), trainable; a frozen fp32 reference for KL."""
-    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+    from euphonium_ray.models.hunyuan import set_tf32
+    from euphonium_ray.registry import POLICIES
 
+    set_tf32(cfg.model.tf32)
     on_gpu = device.type == "cuda"
     low = "bf16" if cfg.model.dtype == "bf16" else "fp32"
     if role == "rollout":
@@ -46,7 +48,7 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
         dtype, trainable = "fp32", cfg.model.trainable
     else:
         dtype, trainable = "fp32", "none"
-    policy = HunyuanVideoPolicy.from_pretrained(
+    policy = POLICIES.get(cfg.model.family).from_pretrained(
         cfg.model.path,
         dtype=dtype,
         device=device,
@@ -54,6 +56,7 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
         trainable=trainable,
         lora_rank=cfg.model.lora_rank,
         lora_alpha=cfg.model.lora_alpha,
+        lora_seed=cfg.seed,
         embedded_guidance=cfg.model.embedded_guidance,
         gradient_checkpointing=cfg.model.gradient_checkpointing and role == "learner",
         autocast_dtype=low if (on_gpu and low != "fp32") else None,
@@ -65,12 +68,11 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
     return policy
 
 
-def load_prm(cfg: RunConfig, device: torch.device):
-    from euphonium_ray.models.prm import LatentPRM
+def load_prm(cfg: RunConfig, device: torch.device, policy: Any = None, codec: LatentCodec | None = None):
+    """The process reward model ``rewards.prm.kind`` names (an oracle needs the rollout ``policy`` it lives with)."""
+    from euphonium_ray.registry import PRMS
 
-    dtype = torch.bfloat16 if (cfg.rewards.prm.dtype == "bf16" and device.type == "cuda") else torch.float32
-    return LatentPRM.from_pretrained(cfg.rewards.prm.path, device=device, dtype=dtype,
-                                     use_sigmoid=cfg.rewards.prm.use_sigmoid)
+    return PRMS.build(cfg.rewards.prm.kind, cfg, device, policy=policy, codec=codec)
 
 
 def load_codec_for(cfg: RunConfig, device: torch.device) -> LatentCodec:
@@ -79,32 +81,18 @@ def load_codec_for(cfg: RunConfig, device: torch.device) -> LatentCodec:
     return load_codec(Path(cfg.model.path) / "vae", device=device)
 
 
-# -------------------------------------------------------------------------------------------- ORM backends
-OrmFactory = Callable[[RunConfig, torch.device], OutcomeRewardModel]
-
-
-def _toy_orm(cfg: RunConfig, device: torch.device) -> OutcomeRewardModel:
-    from euphonium_ray.toy.orm import ToyPixelORM
-
-    return ToyPixelORM.from_config(cfg.toy)
-
-
-_ORM_BACKENDS: dict[str, OrmFactory] = {"toy": _toy_orm}
-
-
-def register_orm_backend(name: str, factory: OrmFactory) -> None:
-    """Add a pixel ORM backend (``rewards.orm.backend``): a factory (config, device) -> OutcomeRewardModel."""
-    _ORM_BACKENDS[name] = factory
-
-
 def build_orm(cfg: RunConfig, device: torch.device) -> OutcomeRewardModel:
-    name = cfg.rewards.orm.backend
-    if name not in _ORM_BACKENDS:
-        raise NotImplementedError(
-            f"rewards.orm.backend={name!r} has no scorer in this build (available: {', '.join(sorted(_ORM_BACKENDS))})"
-        )
-    return _ORM_BACKENDS[name](cfg, device)
+    """The outcome reward ``rewards.orm.backend`` names (``registry.ORMS``)."""
+    from euphonium_ray.registry import ORMS
+
+    return ORMS.build(cfg.rewards.orm.backend, cfg, device)
 
 
 def config_from(payload: dict[str, Any] | RunConfig) -> RunConfig:
-    return payload if isinstance(payload, RunConfig) else RunConfig.model_validate(payload)
+    """The run config an actor was given; the run's plugins are imported first, so their components resolve."""
+    if isinstance(payload, RunConfig):
+        return payload
+    from euphonium_ray.registry import load_plugins
+
+    load_plugins(payload.get("plugins") or [])
+    return RunConfig.model_validate(payload)

@@ -31,8 +31,9 @@ class ClusterResourceError(RuntimeError):
 
 
 def needs_prm_pool(cfg: RunConfig) -> bool:
-    """A PRM pool exists for RGG with ``prm.placement: pool`` or to score the latent outcome reward."""
-    return bool(cfg.rewards.prm.path) and (
+    """A PRM pool exists for RGG with ``prm.placement: pool`` or to score the latent outcome reward (a trained
+    latent PRM only: the oracle lives with the rollout policy, and its latent outcome would be the ORM itself)."""
+    return cfg.rewards.prm.kind == "latent" and bool(cfg.rewards.prm.path) and (
         (cfg.rgg.enabled and cfg.rewards.prm.placement == "pool") or cfg.rewards.latent_outcome
     )
 

@@ -15,10 +15,11 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import actor_device, config_from, load_policy, load_prm, set_threads
+from actors.common import actor_device, config_from, load_codec_for, load_policy, load_prm, set_threads
 from actors.weights import StaleWeightsError, make_weight_sync, state_digest
 from euphonium_ray.metrics import rss_bytes
 from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.learning import wants_output_rewards
 from euphonium_ray.sampling import make_generators, sample_latents, sample_trajectories
 
 __all__ = ["RolloutWorker", "max_staleness"]
@@ -43,7 +44,8 @@ class RolloutWorker:
         self.policy = load_policy(self.cfg, "rollout", self.device)
         self.prm = None
         if self.cfg.rgg.enabled and self.cfg.rewards.prm.placement == "colocated":
-            self.prm = load_prm(self.cfg, self.device)
+            codec = load_codec_for(self.cfg, self.device) if self.cfg.rewards.prm.kind == "oracle" else None
+            self.prm = load_prm(self.cfg, self.device, policy=self.policy, codec=codec)
         self.prm_pool = prm_pool
         self.orm_pool = orm_pool
         self.sync = make_weight_sync(sync_backend, weight_store, rank=index + 1, world_size=num_workers + 1,
@@ -130,7 +132,7 @@ class RolloutWorker:
             same_initial_noise=self.cfg.sampler.same_initial_noise,
             logprob_mean=self.cfg.optim.logprob_mean, reduction=self.cfg.optim.logprob_reduction,
             prompt_indices=request["prompt_indices"], sample_seeds=request["seeds"], captions=captions,
-            weight_version=self.version, timings=timings,
+            weight_version=self.version, timings=timings, output_rewards=wants_output_rewards(self.cfg),
         )
         timings["sample"] = time.perf_counter() - t0
         self.sampled += traj.batch_size

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from euphonium_ray.registry import ORMS, POLICIES, PRMS, Registry, RegistryError, load_plugins
 
 
 class ConfigError(ValueError):
@@ -23,11 +25,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def _registered(registry: Registry, value: str, key: str) -> str:
+    """A component name must be in its registry (after the run's ``plugins`` are imported)."""
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} {value!r} for {key}; registered: {', '.join(registry.names())} "
+                         "(a plugin module listed under 'plugins' can register more)")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------- sections
 class ModelConfig(Section):
     """The policy: a diffusers-layout folder (transformer/, vae/ or latent/, text encoders)."""
 
-    family: Literal["hunyuanvideo", "toy"] = "hunyuanvideo"
+    family: str = "hunyuanvideo"  # registry.POLICIES
     path: str = ""
     checkpoint: str | None = None  # a diffusers transformer folder to load over path/transformer
     embedded_guidance: float = 6018.0
@@ -36,6 +46,15 @@ class ModelConfig(Section):
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
     gradient_checkpointing: bool = False
+    # TF32 in fp32 matmuls and convolutions on GPU. Off by default: the rollout and the learner compute the same
+    # log-prob at different batch sizes, and TF32's ~1e-3 relative error moves the importance ratio by more than
+    # upstream's clip range (1e-4); cuDNN turns it on for convolutions (the patch embedding) unless told not to.
+    tf32: bool = False
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        return _registered(POLICIES, v, "model.family")
 
 
 class DataConfig(Section):
@@ -63,19 +82,44 @@ class SamplerConfig(Section):
 
 
 class GuidanceWindow(Section):
+    """Where and how strongly a reward gradient shifts the sampler's mean.
+
+    ``scale_mode``: ``fixed`` uses ``scale``; ``kl`` derives c = η²/(2β) from the SDE noise (upstream's "KL
+    mode"); ``target_ratio`` sets the shift's length per sample and step to ``target_ratio`` times the length of
+    that step's noise draw (``std·√D``), along the gradient's direction: a rule that keeps guidance meaningful at
+    every noise level and for any reward scale, where a constant is inert in one world and destructive in another.
+    ``guided_fraction``: the share of each group that is guided (members 0..m−1, m = round(f·G)); the others
+    sample without guidance, so the group's advantages can tell whether guidance helped (with every member
+    guided alike, group normalisation cancels a shift common to all of them).
+    """
+
     enabled: bool = True
     scale: float = Field(default=0.01, ge=0)
-    scale_mode: Literal["fixed", "kl"] = "fixed"
+    scale_mode: Literal["fixed", "kl", "target_ratio"] = "fixed"
     kl_beta: float = Field(default=3.125, gt=0)
+    target_ratio: float = Field(default=0.1, gt=0)
     delta_t_scaling: bool = True
     normalize: bool = False
     start: int = Field(default=12, ge=0)
     end: int | None = None  # None: to the last step
     interval: int = Field(default=1, ge=1)
+    guided_fraction: float = Field(default=1.0, ge=0, le=1)
 
     def effective_scale(self, eta: float) -> float:
-        """The guidance scale c; "kl" mode derives it from the SDE noise: c = η²/(2β)."""
+        """The guidance scale c; "kl" mode derives it from the SDE noise: c = η²/(2β) (``target_ratio`` mode has
+        no constant: see ``sde.target_ratio_shift``)."""
         return eta**2 / (2 * self.kl_beta) if self.scale_mode == "kl" else self.scale
+
+    def guided_members(self, group_size: int) -> int:
+        """How many members of each group are guided."""
+        return int(round(self.guided_fraction * group_size))
+
+    @property
+    def shifts_anything(self) -> bool:
+        """Whether guidance can move a sample at all (a zero scale or no guided member only scores)."""
+        if self.guided_fraction == 0:
+            return False
+        return self.scale_mode != "fixed" or self.scale != 0
 
 
 class RGGConfig(GuidanceWindow):
@@ -92,25 +136,39 @@ class SPSAConfig(GuidanceWindow):
 
 
 class PRMConfig(Section):
-    """The latent process reward model."""
+    """The process reward model: ``kind`` names it in ``registry.PRMS``. ``latent`` is a trained latent PRM folder
+    (``path``); ``oracle`` (toy world only) is the run's own outcome reward of the one-step prediction
+    x̂0 = x − σ·v(x), differentiated through the policy: exact because the toy codec is, so it measures what the
+    method can do with a perfect PRM."""
 
+    kind: str = "latent"
     path: str = ""
     placement: Literal["colocated", "pool"] = "colocated"
     use_sigmoid: bool = False
     dtype: Literal["fp32", "bf16"] = "bf16"
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        return _registered(PRMS, v, "rewards.prm.kind")
 
 
 class ORMConfig(Section):
     """The pixel-space outcome reward model."""
 
     enabled: bool = True
-    backend: Literal["toy", "solireward", "vllm"] = "solireward"
+    backend: str = "solireward"  # registry.ORMS: a reward task / scorer by name
     path: str = ""
     prompt_variant: Literal["deformity_physics", "ta"] = "deformity_physics"
     num_frames: int = Field(default=8, ge=1)
     image_size: int = Field(default=448, ge=8)
     coef: float = 1.0
     dtype: Literal["fp32", "bf16"] = "bf16"
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        return _registered(ORMS, v, "rewards.orm.backend")
 
 
 class RewardsConfig(Section):
@@ -121,9 +179,15 @@ class RewardsConfig(Section):
 
 
 class AdvantageConfig(Section):
-    """Dual-Reward GRPO advantages (DESIGN.md section 3)."""
+    """Dual-Reward GRPO advantages (DESIGN.md section 3).
+
+    ``process_credit``: which process reward credits transition k (x_k → x_{k+1}): ``input`` r(x_k) (upstream;
+    fixed before the transition's noise is drawn, so its expected policy gradient is zero), ``output`` r(x_{k+1}),
+    or ``difference`` r(x_{k+1}) − r(x_k) (the shaping difference: what the transition changed).
+    """
 
     mode: Literal["both", "none", "only"] = "both"
+    process_credit: Literal["input", "output", "difference"] = "input"
     combine: Literal["paper", "upstream"] = "paper"
     outcome_weight: float = 1.0
     process_weight: float = 1.0
@@ -147,6 +211,9 @@ class OptimConfig(Section):
     range_interval: int = Field(default=1, ge=1)
     train_last_transition: bool = False  # upstream never trains σ_{N-1} → 0
     grad_accum: int = Field(default=4, ge=1)  # samples per optimizer update
+    # samples whose selected transitions go through the network in one forward/backward (0: the whole grad_accum
+    # chunk; 1: one sample at a time, as upstream, for models whose activations are large)
+    samples_per_forward: int = Field(default=0, ge=0)
     epochs: int = Field(default=1, ge=1)
     logprob_reduction: Literal["mean", "sum"] = "mean"
     logprob_mean: Literal["unguided", "guided"] = "unguided"
@@ -246,6 +313,7 @@ class ToyConfig(Section):
 class RunConfig(Section):
     """A whole run."""
 
+    plugins: list[str] = Field(default_factory=list)  # modules imported first; they register components
     seed: int = 42
     steps: int = Field(default=500, ge=1)
     model: ModelConfig = ModelConfig()
@@ -273,6 +341,13 @@ class RunConfig(Section):
                 raise ValueError(f"{name}.end={win.end} must be greater than {name}.start={win.start}")
             if win.end is not None and win.end > n:
                 raise ValueError(f"{name}.end={win.end} is past sampler.num_steps={n}")
+        return self
+
+    @model_validator(mode="after")
+    def _oracle_lives_with_the_policy(self) -> "RunConfig":
+        if self.rewards.prm.kind == "oracle" and self.rewards.prm.placement != "colocated":
+            raise ValueError("rewards.prm.kind='oracle' differentiates through the rollout policy: it needs "
+                             "rewards.prm.placement='colocated'")
         return self
 
     @model_validator(mode="after")
@@ -484,6 +559,10 @@ def load_config(
     for key, value in layers:
         _check_keys(_nest(key, value), RunConfig)
         _set_dotted(tree, key, value)
+    try:
+        load_plugins(tree.get("plugins") or [])
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

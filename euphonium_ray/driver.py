@@ -84,7 +84,7 @@ def _check_prompts(cfg: RunConfig, pooled_dim: int, index: str | None = None):
 def _check_prm(cfg: RunConfig) -> None:
     from actors.placement import needs_prm_pool
 
-    if not (cfg.rgg.enabled or needs_prm_pool(cfg)):
+    if not (cfg.rgg.enabled or needs_prm_pool(cfg)) or cfg.rewards.prm.kind != "latent":
         return
     path = Path(cfg.rewards.prm.path) if cfg.rewards.prm.path else None
     if path is None or not (path / "config.json").is_file():

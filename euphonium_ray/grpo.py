@@ -22,6 +22,7 @@ __all__ = [
     "advantage_terms",
     "clipped_policy_loss",
     "distillation_loss",
+    "distillation_loss_per_sample",
     "dual_reward_policy_loss",
     "gather_steps",
     "gaussian_kl",
@@ -289,6 +290,21 @@ def kl_to_reference(mean_new: Tensor, mean_ref: Tensor, std: ScalarLike, reducti
     return gaussian_kl(mean_new, mean_ref.detach(), std, reduction)
 
 
+def distillation_loss_per_sample(
+    mean_theta: Tensor, guided_target: Tensor, std: ScalarLike, reduction: Reduction = "mean"
+) -> Tensor:
+    """Per-sample (B,) ``‖μ_θ − sg(μ_guided,old)‖²/(2·std²)`` reduced over elements; squared error where std = 0.
+
+    See :func:`distillation_loss` (its batch mean)."""
+    dtype = compute_dtype(mean_theta, guided_target, std)
+    diff = mean_theta.to(dtype) - guided_target.detach().to(dtype)
+    sd = expand_per_sample(std, diff, dtype)
+    positive = sd > 0
+    denom = torch.where(positive, 2 * sd**2, torch.ones_like(sd))
+    per_element = diff**2 / denom
+    return _reduce(per_element.expand(torch.broadcast_shapes(per_element.shape, diff.shape)), reduction)
+
+
 def distillation_loss(
     mean_theta: Tensor, guided_target: Tensor, std: ScalarLike, reduction: Reduction = "mean"
 ) -> Tensor:
@@ -298,11 +314,4 @@ def distillation_loss(
     guidance into v_θ. Where std == 0 (``ode``) the KL is undefined; those samples fall back to the plain
     squared error ``‖μ_θ − target‖²`` (same reduction), which has the same minimiser.
     """
-    dtype = compute_dtype(mean_theta, guided_target, std)
-    diff = mean_theta.to(dtype) - guided_target.detach().to(dtype)
-    sd = expand_per_sample(std, diff, dtype)
-    positive = sd > 0
-    denom = torch.where(positive, 2 * sd**2, torch.ones_like(sd))
-    per_element = diff**2 / denom
-    per_element = per_element.expand(torch.broadcast_shapes(per_element.shape, diff.shape))
-    return _reduce(per_element, reduction).mean()
+    return distillation_loss_per_sample(mean_theta, guided_target, std, reduction).mean()

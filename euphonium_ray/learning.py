@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from euphonium_ray.config import RunConfig
 from euphonium_ray.grpo import (
     AdvantageWeights,
     advantage_terms,
-    distillation_loss,
+    distillation_loss_per_sample,
     dual_reward_policy_loss,
     group_normalize,
     kl_to_reference,
@@ -31,7 +31,8 @@ from euphonium_ray.sde import flow_sigma_1, step_std, transition_log_prob, ungui
 from euphonium_ray.sharding import to_float
 from euphonium_ray.trajectory import Trajectories
 
-__all__ = ["Advantages", "compute_advantages", "grpo_update", "trainable_transitions"]
+__all__ = ["Advantages", "compute_advantages", "grpo_update", "process_credit", "trainable_transitions",
+           "wants_output_rewards"]
 
 AdvantageTerms = list[tuple[float, Tensor]]
 
@@ -85,6 +86,9 @@ def compute_advantages(
     ):
         for group, reason in _bad_groups(values, mask, g, name).items():
             skipped.setdefault(group, reason)
+    credit_rewards, credit_mask = process_credit(traj, cfg.advantage.process_credit)
+    for group, reason in _bad_groups(credit_rewards, credit_mask, g, "process").items():
+        skipped.setdefault(group, reason)
     keep_groups = [k for k in range(traj.num_groups) if k not in skipped]
     kept_rows = (torch.tensor(keep_groups, dtype=torch.long).unsqueeze(1) * g + torch.arange(g)).reshape(-1)
     n = traj.num_steps
@@ -101,10 +105,10 @@ def compute_advantages(
     if latent is not None and cfg.rewards.latent_outcome_coef_in_score != 0:
         score = score + cfg.rewards.latent_outcome_coef_in_score * latent
     a_outcome = group_normalize(score, g)
-    evaluated = traj.process_evaluated[kept_rows.to(traj.process_evaluated.device)].cpu()
+    evaluated = credit_mask[kept_rows.to(credit_mask.device)].cpu()
     a_process = None
     if bool(evaluated.any()):
-        a_process = process_advantages(rows(traj.process_rewards), evaluated, g)
+        a_process = process_advantages(rows(credit_rewards), evaluated, g)
     a_latent = group_normalize(latent, g) if (latent is not None and cfg.rewards.latent_outcome) else None
     weights = AdvantageWeights(cfg.advantage.outcome_weight, cfg.advantage.process_weight,
                                cfg.advantage.latent_outcome_weight)
@@ -113,30 +117,93 @@ def compute_advantages(
     return Advantages(terms, kept_rows, skipped, score)
 
 
+def process_credit(traj: Trajectories, credit: str) -> tuple[Tensor, Tensor]:
+    """The process reward that credits each transition k, and where it exists (both (B, N)).
+
+    ``input``: r(x_k) (upstream): fixed before transition k's noise is drawn, so on-policy
+    ``E[A_k·∇log π(x_{k+1}|x_k)] = 0``; ``output``: r(x_{k+1}); ``difference``: r(x_{k+1}) − r(x_k), what the
+    transition changed. The last two need ``process_rewards_next`` (``sample_trajectories(output_rewards=True)``).
+    """
+    if credit == "input":
+        return traj.process_rewards, traj.process_evaluated
+    if traj.process_rewards_next is None or traj.process_evaluated_next is None:
+        if not bool(traj.process_evaluated.any()):
+            return traj.process_rewards, traj.process_evaluated  # nothing was scored: no process term either way
+        raise ValueError(f"advantage.process_credit={credit!r} needs the process reward of each transition's "
+                         "output; the rollouts did not record it (sample_trajectories(output_rewards=True))")
+    if credit == "output":
+        return traj.process_rewards_next, traj.process_evaluated_next
+    if credit == "difference":
+        mask = traj.process_evaluated & traj.process_evaluated_next
+        diff = torch.where(mask, traj.process_rewards_next - traj.process_rewards, torch.zeros_like(traj.process_rewards))
+        return diff, mask
+    raise ValueError(f"advantage.process_credit must be input, output or difference, got {credit!r}")
+
+
+def wants_output_rewards(cfg: RunConfig) -> bool:
+    """Whether rollouts must record the process reward of each transition's output (output/difference credit)."""
+    return cfg.rgg.enabled and cfg.advantage.process_credit != "input" and cfg.advantage.mode != "none"
+
+
 # ---------------------------------------------------------------------------------------------- update
 def trainable_transitions(num_steps: int, cfg: RunConfig) -> int:
     """How many leading transitions may be trained: N−1 as upstream (σ_{N−1} → 0 never is), or N."""
     return num_steps if cfg.optim.train_last_transition or num_steps == 1 else num_steps - 1
 
 
-@dataclass
 class _Totals:
-    """Running sums of the per-sample statistics of one update pass."""
+    """Running sums of the per-sample statistics of one update pass (for one ensemble member)."""
 
-    count: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    ratio_min: float = math.inf
-    ratio_max: float = -math.inf
-    first_min: float = math.inf
-    first_max: float = -math.inf
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: dict[str, float] = {}
+        self.ratio_min, self.ratio_max = math.inf, -math.inf
+        self.first_min, self.first_max = math.inf, -math.inf
+        self.grad_norms: list[float] = []
 
-    def add(self, **values: float) -> None:
-        self.count += 1
+    def add(self, samples: int, **values: float) -> None:
+        """``values`` are means over ``samples`` samples."""
+        self.count += samples
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * samples
+
+    def ratios(self, low: float, high: float, first_update: bool) -> None:
+        self.ratio_min, self.ratio_max = min(self.ratio_min, low), max(self.ratio_max, high)
+        if first_update:
+            self.first_min, self.first_max = min(self.first_min, low), max(self.first_max, high)
 
     def mean(self, key: str) -> float:
         return self.sums.get(key, 0.0) / max(self.count, 1)
+
+    def summary(self, have_terms: bool, transitions: int, updates: int) -> dict[str, float]:
+        out = {key: self.mean(key) for key in ("loss", "policy_loss", "kl", "distill_loss", "clip_fraction",
+                                                 "ratio_mean", "approx_kl")}
+        out.update(
+            ratio_min=self.ratio_min if have_terms else 1.0,
+            ratio_max=self.ratio_max if have_terms else 1.0,
+            first_ratio_min=self.first_min if have_terms else 1.0,
+            first_ratio_max=self.first_max if have_terms else 1.0,
+            grad_norm=sum(self.grad_norms) / max(len(self.grad_norms), 1),
+            num_transitions=float(transitions),
+            num_updates=float(updates),
+        )
+        return out
+
+
+def clip_grad_norm_per_member(params: list[nn.Parameter], max_norm: float, members: int) -> list[float]:
+    """``clip_grad_norm_`` for each member of an ensemble whose parameters are stacked on dim 0: every member's
+    gradient is clipped by its own total norm, exactly as if it were trained alone. Returns the norms."""
+    if members == 1:
+        return [to_float(torch.nn.utils.clip_grad_norm_(params, max_norm))]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return [0.0] * members
+    sq = torch.stack([g.reshape(members, -1).float().pow(2).sum(1) for g in grads]).sum(0)
+    norms = sq.sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype).reshape(members, *([1] * (g.ndim - 1))))
+    return [float(n) for n in norms]
 
 
 def grpo_update(
@@ -145,110 +212,149 @@ def grpo_update(
     traj: Trajectories,
     advantages_terms: AdvantageTerms,
     cfg: RunConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     reference_policy: Policy | None = None,
     *,
     grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One pass (``optim.epochs`` passes) of clipped GRPO over the batch; returns scalar statistics.
 
-    Per sample: a random subset of its trainable transitions (``select_timesteps``), one forward of all of
-    them with gradients, ``logp_new`` under the training mean convention, the dual-reward clipped loss, plus
-    optional KL to ``reference_policy`` and distillation toward the stored guided mean (guided transitions
-    only); the loss is scaled by 1/GA (it is already a mean over the n_t transitions, i.e. 1/(GA·n_t) per
-    transition) and backpropagated at once. Every GA samples (or at the end): ``grad_sync`` (e.g. a
-    data-parallel all-reduce), grad-norm clip, optimizer step. ``first_ratio_*`` are the ratio extremes over
-    the samples of the first optimizer update (1 exactly when the rollouts are on-policy).
+    Per sample: a random subset of its trainable transitions (``select_timesteps``); ``logp_new`` under the
+    training mean convention, the dual-reward clipped loss, plus optional KL to ``reference_policy`` and
+    distillation toward the stored guided mean (guided transitions of guided members only). Every sample's loss
+    is a mean over its transitions, and a chunk of ``optim.grad_accum`` samples is one optimizer update whose loss
+    is the mean over its samples; ``optim.samples_per_forward`` samples go through the network in one forward
+    (the gradients add up to the same). Each chunk ends with ``grad_sync`` (e.g. a data-parallel all-reduce),
+    grad-norm clip and an optimizer step. ``first_ratio_*`` are the ratio extremes over the samples of the first
+    optimizer update (1 exactly when the rollouts are on-policy).
+
+    An ensemble policy (``policy.members`` = K > 1, see ``ensemble.py``) trains K independent runs at once: the
+    batch is K equal blocks of rows, one per member; ``generator`` is one generator per member; each member's
+    loss, clipping and statistics are its own, and the result carries them under ``members``.
     """
-    o, sp = cfg.optim, cfg.sampler
+    o = cfg.optim
     b, n = traj.batch_size, traj.num_steps
+    k_members = int(getattr(policy, "members", 1))
     for w, a in advantages_terms:
         if tuple(a.shape) != (b, n):
             raise ValueError(f"advantage term of weight {w} has shape {tuple(a.shape)}, expected {(b, n)}")
     if b == 0:
         raise ValueError("grpo_update got an empty trajectory batch (every group was skipped?)")
+    if b % k_members:
+        raise ValueError(f"a batch of {b} rows cannot be split over {k_members} ensemble members")
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * k_members
+    if len(gens) != k_members:
+        raise ValueError(f"{len(gens)} generators for {k_members} ensemble members")
+    if o.kl_coef > 0 and reference_policy is None:
+        raise ValueError("optim.kl_coef > 0 needs a frozen reference policy")
     params = [p for p in policy.trainable_parameters() if p.requires_grad]
     device = params[0].device if params else traj.latents.device
     traj = traj.to(device)
     terms = [(w, a.to(device)) for w, a in advantages_terms]
-    sigmas = traj.sigmas
-    sigma_1 = flow_sigma_1(sigmas)
-    guided_pos = torch.full((n,), -1, dtype=torch.long, device=device)
-    guided_pos[traj.guided_steps] = torch.arange(traj.guided_steps.numel(), device=device)
-    want_kl = o.kl_coef > 0 and reference_policy is not None
-    if o.kl_coef > 0 and reference_policy is None:
-        raise ValueError("optim.kl_coef > 0 needs a frozen reference policy")
-
-    totals = _Totals()
-    grad_norms: list[float] = []
+    per_member = b // k_members
+    totals = [_Totals() for _ in range(k_members)]
     updates = 0
+    transitions = 0
     optimizer.zero_grad(set_to_none=True)
     for _epoch in range(o.epochs):
-        chosen = select_timesteps(b, trainable_transitions(n, cfg), fraction=o.timestep_fraction,
-                                  mode=o.timestep_selection, start=o.range_start, end=o.range_end,
-                                  interval=o.range_interval, generator=generator).to(device)
-        for chunk_start in range(0, b, o.grad_accum):
-            chunk = range(chunk_start, min(chunk_start + o.grad_accum, b))
-            for j in chunk:
-                k = chosen[j]
-                s, s_next = sigmas[k], sigmas[k + 1]
-                x, x_next = traj.states[j, k], traj.next_states[j, k]
-                cond = traj.cond.index([j] * k.numel())
-                v = policy.velocity(x, s, cond)
-                mean = unguided_mean(x, v, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
-                std = step_std(s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
-                pos = guided_pos[k]
-                is_guided = pos >= 0
-                ref_mean = mean
-                if o.logprob_mean_training == "guided" and bool(is_guided.any()):
-                    shift = torch.zeros_like(mean)
-                    shift[is_guided] = traj.guidance_shifts[j, pos[is_guided]]
-                    ref_mean = mean + shift
-                logp_new = transition_log_prob(x_next, ref_mean, std, reduction=o.logprob_reduction)
-                logp_old = traj.log_probs[j, k]
-                loss, stats = dual_reward_policy_loss(logp_new, logp_old, [(w, a[j, k]) for w, a in terms],
-                                                      o.clip_range)
-                policy_loss = loss.detach()
-                kl = torch.zeros((), device=device)
-                if want_kl:
-                    with torch.no_grad():
-                        v_ref = reference_policy.velocity(x, s, cond)  # type: ignore[union-attr]
-                    mean_ref = unguided_mean(x, v_ref, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a,
-                                             sigma_1=sigma_1)
-                    kl = kl_to_reference(mean, mean_ref, std, reduction=o.logprob_reduction).mean()
-                    loss = loss + o.kl_coef * kl
-                distill = torch.zeros((), device=device)
-                if o.distill_coef > 0 and bool(is_guided.any()):
-                    target = traj.guided_means[j, pos[is_guided]]
-                    share = float(is_guided.sum()) / k.numel()  # a mean over all n_t transitions of the sample
-                    distill = distillation_loss(mean[is_guided], target, std[is_guided],
-                                                reduction=o.logprob_reduction) * share
-                    loss = loss + o.distill_coef * distill
-                (loss / len(chunk)).backward()
-                totals.add(loss=float(loss.detach()), policy_loss=float(policy_loss), kl=float(kl.detach()),
-                           distill_loss=float(distill.detach()), clip_fraction=stats.get("clip_fraction/term0", 0.0),
-                           ratio_mean=stats.get("ratio_mean", 1.0), approx_kl=stats.get("approx_kl", 0.0))
-                if terms:
-                    totals.ratio_min = min(totals.ratio_min, stats["ratio_min"])
-                    totals.ratio_max = max(totals.ratio_max, stats["ratio_max"])
-                    if updates == 0:
-                        totals.first_min = min(totals.first_min, stats["ratio_min"])
-                        totals.first_max = max(totals.first_max, stats["ratio_max"])
+        chosen = torch.cat([
+            select_timesteps(per_member, trainable_transitions(n, cfg), fraction=o.timestep_fraction,
+                             mode=o.timestep_selection, start=o.range_start, end=o.range_end,
+                             interval=o.range_interval, generator=gens[m])
+            for m in range(k_members)
+        ]).to(device)
+        transitions += b * int(chosen.shape[1])
+        for chunk_start in range(0, per_member, o.grad_accum):
+            chunk_len = min(o.grad_accum, per_member - chunk_start)
+            step = o.samples_per_forward or chunk_len
+            for sub_start in range(chunk_start, chunk_start + chunk_len, step):
+                sub = range(sub_start, min(sub_start + step, chunk_start + chunk_len))
+                rows = torch.tensor([m * per_member + j for m in range(k_members) for j in sub], device=device)
+                loss, member_stats = _transition_losses(policy, traj, terms, cfg, rows, chosen[rows],
+                                                        reference_policy, k_members, chunk_len)
+                loss.backward()
+                for m, st in enumerate(member_stats):
+                    totals[m].add(len(sub), **st["means"])
+                    if terms:
+                        totals[m].ratios(st["ratio_min"], st["ratio_max"], updates == 0)
             if grad_sync is not None:
                 grad_sync(params)
-            grad_norms.append(to_float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)))
+            for m, norm in enumerate(clip_grad_norm_per_member(params, o.grad_clip, k_members)):
+                totals[m].grad_norms.append(norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
-    out = {key: totals.mean(key) for key in ("loss", "policy_loss", "kl", "distill_loss", "clip_fraction",
-                                               "ratio_mean", "approx_kl")}
-    out.update(
-        ratio_min=totals.ratio_min if terms else 1.0,
-        ratio_max=totals.ratio_max if terms else 1.0,
-        first_ratio_min=totals.first_min if terms else 1.0,
-        first_ratio_max=totals.first_max if terms else 1.0,
-        grad_norm=sum(grad_norms) / max(len(grad_norms), 1),
-        num_transitions=float(b * int(chosen.shape[1]) * o.epochs),
-        num_updates=float(updates),
-    )
+    summaries = [t.summary(bool(terms), transitions // k_members, updates) for t in totals]
+    if k_members == 1:
+        return summaries[0]
+    out: dict[str, Any] = {key: sum(s[key] for s in summaries) / k_members for key in summaries[0]}
+    out["members"] = summaries
     return out
+
+
+def _transition_losses(
+    policy: Policy, traj: Trajectories, terms: AdvantageTerms, cfg: RunConfig, rows: Tensor, chosen: Tensor,
+    reference_policy: Policy | None, k_members: int, chunk_len: int,
+) -> tuple[Tensor, list[dict[str, Any]]]:
+    """The loss of ``rows`` (member-major, equal count per member) at their ``chosen`` transitions, scaled so that
+    a chunk of ``chunk_len`` samples per member sums to each member's mean sample loss, and per-member stats."""
+    o, sp = cfg.optim, cfg.sampler
+    n = traj.num_steps
+    r, t = chosen.shape
+    flat_rows = rows.repeat_interleave(t)
+    flat_k = chosen.reshape(-1)
+    sigmas = traj.sigmas
+    sigma_1 = flow_sigma_1(sigmas)
+    s, s_next = sigmas[flat_k], sigmas[flat_k + 1]
+    x = traj.latents[flat_rows, flat_k]
+    x_next = traj.latents[flat_rows, flat_k + 1]
+    cond = traj.cond.index(flat_rows)
+    v = policy.velocity(x, s, cond)
+    mean = unguided_mean(x, v, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
+    std = step_std(s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
+    guided_pos = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    guided_pos[traj.guided_steps] = torch.arange(traj.guided_steps.numel(), device=x.device)
+    pos = guided_pos[flat_k]
+    on_guided_step = pos >= 0
+    ref_mean = mean
+    if o.logprob_mean_training == "guided" and bool(on_guided_step.any()):
+        shift = torch.zeros_like(mean)
+        shift[on_guided_step] = traj.guidance_shifts[flat_rows[on_guided_step], pos[on_guided_step]]
+        ref_mean = mean + shift
+    logp_new = transition_log_prob(x_next, ref_mean, std, reduction=o.logprob_reduction).reshape(r, t)
+    logp_old = traj.log_probs[rows.unsqueeze(1), chosen]
+    kl = torch.zeros(r, t, device=x.device)
+    if o.kl_coef > 0 and reference_policy is not None:
+        with torch.no_grad():
+            v_ref = reference_policy.velocity(x, s, cond)
+        mean_ref = unguided_mean(x, v_ref, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
+        kl = kl_to_reference(mean, mean_ref, std, reduction=o.logprob_reduction).reshape(r, t)
+    distill = torch.zeros(r, t, device=x.device)
+    distill_on = on_guided_step
+    if traj.guided_rows is not None:
+        distill_on = distill_on & traj.guided_rows[flat_rows]
+    if o.distill_coef > 0 and bool(distill_on.any()):
+        target = traj.guided_means[flat_rows[distill_on], pos[distill_on]]
+        d = torch.zeros(r * t, device=x.device)
+        d[distill_on] = distillation_loss_per_sample(mean[distill_on], target, std[distill_on], o.logprob_reduction)
+        distill = d.reshape(r, t)
+    per_member = r // k_members
+    total = torch.zeros((), device=x.device)
+    stats: list[dict[str, Any]] = []
+    for m in range(k_members):
+        sl = slice(m * per_member, (m + 1) * per_member)
+        member_rows = rows[sl]
+        policy_loss, st = dual_reward_policy_loss(logp_new[sl], logp_old[sl],
+                                                  [(w, a[member_rows.unsqueeze(1), chosen[sl]]) for w, a in terms],
+                                                  o.clip_range)
+        kl_m, distill_m = kl[sl].mean(), distill[sl].mean()
+        loss_m = policy_loss + o.kl_coef * kl_m + o.distill_coef * distill_m
+        total = total + loss_m * (per_member / chunk_len)
+        stats.append({
+            "means": {"loss": float(loss_m.detach()), "policy_loss": float(policy_loss.detach()),
+                      "kl": float(kl_m.detach()), "distill_loss": float(distill_m.detach()),
+                      "clip_fraction": st.get("clip_fraction/term0", 0.0), "ratio_mean": st.get("ratio_mean", 1.0),
+                      "approx_kl": st.get("approx_kl", 0.0)},
+            "ratio_min": st.get("ratio_min", 1.0), "ratio_max": st.get("ratio_max", 1.0),
+        })
+    return total, stats

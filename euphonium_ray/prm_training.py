@@ -355,21 +355,29 @@ def evaluate_prm(prm: LatentPRM, data: LabelledRollouts, labels: Tensor, rows: T
     # only compare latents at the same σ, so the mean of the per-step correlations is reported beside it
     per_step = [r["pearson"] for r in by_step[:n_steps] if 0 < r["sigma"] <= 0.6 and not math.isnan(r["pearson"])]
     summary["mean_per_step_pearson"] = round(sum(per_step) / len(per_step), 5) if per_step else float("nan")
+    # what GRPO's group-normalised process advantages and RGG's ranking within a group use (the ranking bar)
+    within = [r["within_group_pearson"] for r in by_step[:n_steps]
+              if 0 < r["sigma"] <= 0.6 and not math.isnan(r.get("within_group_pearson", math.nan))]
+    summary["mean_per_step_within_group_pearson"] = round(sum(within) / len(within), 5) if within else float("nan")
     return {"sigma_le_0.6": summary, "by_sigma_bucket": buckets, "by_step": by_step}
 
 
 # --------------------------------------------------------------------------------------------------- command
-ORM_CHOICES = ("toy", "solireward", "vllm")
-
-
 def load_orm(name: str, cfg: RunConfig, device: torch.device | str = "cpu") -> OutcomeRewardModel:
-    """The outcome reward model ``--orm`` names, built from ``rewards.orm`` (path, dtype, ...) with that backend;
-    ``toy`` is the shapes world's pixel judge for ``cfg.toy``."""
-    from euphonium_ray.models.orm_registry import build_orm
+    """The outcome reward ``--orm`` names (``registry.ORMS``: a backend or a reward task), built with the run's
+    ``rewards.orm`` settings (path, dtype, ...); the toy tasks use ``cfg.toy``."""
+    from euphonium_ray.registry import ORMS
 
-    if name not in ORM_CHOICES:
-        raise ValueError(f"--orm {name!r} is not one of: {', '.join(ORM_CHOICES)}")
-    return build_orm(cfg.rewards.orm.model_copy(update={"backend": name}), device=device, toy=cfg.toy)
+    if name not in ORMS:
+        raise ValueError(f"--orm {name!r} is not a registered outcome reward; registered: {', '.join(ORMS.names())}")
+    run = cfg.model_copy(deep=True)
+    run.rewards.orm.backend = name
+    return ORMS.build(name, run, device)
+
+
+def is_toy_reward(name: str) -> bool:
+    """Whether an outcome reward belongs to the toy world (``toy``, ``toy-<task>``): it reads the world's settings."""
+    return name == "toy" or name.startswith("toy-")
 
 
 def with_model_toy_config(cfg: RunConfig, model_dir: str | Path, log: Callable[[str], None] = print) -> RunConfig:
@@ -391,7 +399,7 @@ def with_model_toy_config(cfg: RunConfig, model_dir: str | Path, log: Callable[[
 
 def video_shape(orm_name: str, cfg: RunConfig) -> tuple[int, int, int]:
     """(frames, height, width) of the videos to sample: the toy world's for the toy ORM, else ``data.*``."""
-    if orm_name == "toy":
+    if is_toy_reward(orm_name):
         return cfg.toy.frames, cfg.toy.size, cfg.toy.size
     return cfg.data.num_frames, cfg.data.height, cfg.data.width
 
@@ -400,7 +408,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="euphonium-ray train-prm", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="diffusers-layout model folder (transformer/, vae/)")
     p.add_argument("--prompts", required=True, help="videos2caption.json of precomputed prompt embeddings")
-    p.add_argument("--orm", required=True, choices=ORM_CHOICES, help="outcome reward model that labels rollouts")
+    p.add_argument("--orm", required=True, help="outcome reward (registry.ORMS name, e.g. toy-centered) that labels rollouts")
     p.add_argument("--out", required=True, help="folder for config.json + model.safetensors + metrics.json")
     p.add_argument("--rollouts", type=int, help="number of rollouts (whole groups); default 384")
     p.add_argument("--group-size", type=int, help="videos per prompt and initial noise; default 4")
@@ -440,7 +448,7 @@ def run(args: argparse.Namespace, cfg: RunConfig, opts: PRMTrainOptions, log: Ca
                                                 embedded_guidance=cfg.model.embedded_guidance)
     dataset = PromptEmbeddingDataset(args.prompts, pooled_dim=pooled_dim_of(args.model))
     prompts, captions = dataset.conditioning(range(len(dataset)))
-    if args.orm == "toy":
+    if is_toy_reward(args.orm):
         cfg = with_model_toy_config(cfg, args.model, log)
     orm = load_orm(args.orm, cfg, device)
     frames, height, width = video_shape(args.orm, cfg)
@@ -524,5 +532,6 @@ def main(argv: list[str]) -> int:
         return 2
     low = metrics["heldout"]["sigma_le_0.6"]
     print(f"wrote {args.out}: held-out correlation with the ORM at 0 < σ ≤ 0.6: {low.get('pearson')} "
-          f"(n={low['n']}); metrics in {Path(args.out) / METRICS_NAME}")
+          f"(n={low['n']}), within groups per step {low.get('mean_per_step_within_group_pearson')}; "
+          f"metrics in {Path(args.out) / METRICS_NAME}")
     return 0

@@ -29,6 +29,8 @@ from euphonium_ray.sde import (
     predicted_x0,
     sde_step,
     sigma_schedule,
+    step_std,
+    target_ratio_shift,
 )
 from euphonium_ray.spsa import spsa_gradient
 from euphonium_ray.trajectory import Trajectories
@@ -131,13 +133,18 @@ def _initial_noise(noise: _NoiseSource, latent_shape: tuple[int, ...], group_siz
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-def _prm_callable(prm: ProcessRewardModel | ScoreAndGrad | None) -> ScoreAndGrad | None:
+ScoreOnly = Callable[[Tensor, Tensor, TextConditioning], Tensor]
+
+
+def _prm_callables(prm: ProcessRewardModel | ScoreAndGrad | None) -> tuple[ScoreAndGrad | None, ScoreOnly | None]:
+    """(score_and_grad, score) of a PRM; a bare callable gives score-and-grad, and its score drops the gradient."""
     if prm is None:
-        return None
+        return None, None
     if hasattr(prm, "score_and_grad"):
-        return prm.score_and_grad  # type: ignore[union-attr]
+        score_only = getattr(prm, "score", None)
+        return prm.score_and_grad, score_only  # type: ignore[union-attr]
     if callable(prm):
-        return prm
+        return prm, lambda x, s, c: prm(x, s, c)[0]
     raise TypeError(f"prm must be a ProcessRewardModel or a callable, got {type(prm).__name__}")
 
 
@@ -158,30 +165,49 @@ def _window_on(win: GuidanceWindow, step: int, num_steps: int) -> bool:
     return bool(win.enabled) and in_window(step, win.start, win.end, win.interval, num_steps)
 
 
+def _check_scores(score: Tensor, x: Tensor, step: int, grad: Tensor | None = None) -> Tensor:
+    score = torch.as_tensor(score).reshape(-1).to(device=x.device, dtype=torch.float32)
+    if score.shape[0] != x.shape[0] or (grad is not None and grad.shape != x.shape):
+        got = f"score {tuple(score.shape)}" + ("" if grad is None else f" and grad {tuple(grad.shape)}")
+        raise ProcessRewardError(f"PRM at step {step} returned {got} for latents {tuple(x.shape)}")
+    return score
+
+
+def _prm_score(score_fn: ScoreOnly, x: Tensor, sigma: float, cond: TextConditioning, step: int) -> Tensor:
+    """Process reward of x at σ without a gradient (steps that record a reward but shift nothing)."""
+    sig = torch.full((x.shape[0],), float(sigma), device=x.device)
+    try:
+        with torch.no_grad():
+            score = score_fn(x, sig, cond)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the step named
+        raise ProcessRewardError(f"PRM failed at sampling step {step} (sigma={sigma:.4f}): {exc!r}") from exc
+    return _check_scores(score, x, step)
+
+
 def _prm_guidance(
     score_and_grad: ScoreAndGrad, x: Tensor, sigma: float, dt: float, cond: TextConditioning, rgg: GuidanceWindow,
-    scale: float, step: int,
+    scale: float, step: int, std: Tensor, guided_rows: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(shift, score (B,), grad norm (B,)) of RGG at one step. Exceptions become ProcessRewardError; a sample
-    whose gradient is not finite gets no shift and a NaN score, so its group is skipped downstream."""
+    whose gradient is not finite gets no shift and a NaN score, so its group is skipped downstream. Rows not in
+    ``guided_rows`` get no shift (their score is still recorded)."""
     sig = torch.full((x.shape[0],), float(sigma), device=x.device)
     try:
         score, grad = score_and_grad(x, sig, cond)
     except Exception as exc:  # noqa: BLE001 - re-raised with the step named
         raise ProcessRewardError(f"PRM failed at sampling step {step} (sigma={sigma:.4f}): {exc!r}") from exc
-    score = torch.as_tensor(score).reshape(-1).to(device=x.device, dtype=torch.float32)
     grad = torch.as_tensor(grad).to(device=x.device, dtype=torch.float32)
-    if score.shape[0] != x.shape[0] or grad.shape != x.shape:
-        raise ProcessRewardError(
-            f"PRM at step {step} returned score {tuple(score.shape)} and grad {tuple(grad.shape)} "
-            f"for latents {tuple(x.shape)}"
-        )
+    score = _check_scores(score, x, step, grad)
     dims = tuple(range(1, grad.ndim))
     finite = torch.isfinite(grad).all(dim=dims) if dims else torch.isfinite(grad)
     grad = torch.where(finite.reshape(-1, *([1] * (grad.ndim - 1))), grad, torch.zeros((), device=grad.device))
     score = torch.where(finite, score, torch.full_like(score, float("nan")))
     norms = torch.linalg.vector_norm(grad, dim=dims) if dims else grad.abs()
-    shift = guidance_shift(grad, scale, dt, rgg.delta_t_scaling, rgg.normalize)
+    if rgg.scale_mode == "target_ratio":
+        shift = target_ratio_shift(grad, rgg.target_ratio, std)
+    else:
+        shift = guidance_shift(grad, scale, dt, rgg.delta_t_scaling, rgg.normalize)
+    shift = shift * guided_rows.reshape(-1, *([1] * (shift.ndim - 1))).to(shift.dtype)
     return shift, score, norms
 
 
@@ -226,19 +252,26 @@ def sample_trajectories(
     captions: Sequence[str] | None = None,
     weight_version: int = 0,
     timings: dict[str, float] | None = None,
+    output_rewards: bool = False,
 ) -> Trajectories:
     """Sample B = len(cond) trajectories (contiguous groups of ``group_size``) with the guided SDE.
 
     Per step i: ``v = policy.velocity(x_i, σ_i)`` (no grad); in the RGG window the PRM's (score, ∇) at the
-    step's input latent x_i gives the shift ``c·Δt·∇`` (c = ``rgg.effective_scale(η)``) and the process
-    reward of x_i; in the SPSA window the ORM's zeroth-order gradient at x̂0 adds its own shift; the sample
-    is drawn from the guided mean and its log-prob is taken under ``logprob_mean``. Deterministic given the
-    generator(s). ``timings`` (optional) accumulates seconds spent in ``policy``, ``prm`` and ``spsa``.
+    step's input latent x_i gives the shift (``c·Δt·∇`` with c = ``rgg.effective_scale(η)``, or a fixed ratio of
+    the step's noise in ``target_ratio`` mode) on the guided members of each group, and the process reward of x_i
+    for all; in the SPSA window the ORM's zeroth-order gradient at x̂0 adds its own shift; the sample is drawn
+    from the guided mean and its log-prob is taken under ``logprob_mean``. Where guidance can shift nothing
+    (scale 0, no guided member) the PRM is only scored, not differentiated. ``output_rewards`` also records the
+    process reward of every windowed transition's output x_{k+1} (``process_rewards_next``; x_N at σ = 0).
+    Deterministic given the generator(s). ``timings`` (optional) accumulates seconds spent in ``policy``,
+    ``prm`` and ``spsa``.
     """
     b = len(cond)
     if b % group_size != 0:
         raise ValueError(f"batch of {b} conditionings is not a whole number of groups of {group_size}")
-    score_and_grad = _prm_callable(prm)
+    if captions is not None and cond.captions is None:
+        cond = cond.with_captions(list(captions))
+    score_and_grad, score_only = _prm_callables(prm)
     if rgg.enabled and score_and_grad is None:
         raise ValueError("rgg.enabled is true but no process reward model was given (set rgg.enabled=false)")
     if spsa.enabled and spsa_score_fn is None:
@@ -251,6 +284,10 @@ def sample_trajectories(
     noise = _NoiseSource(generator, b)
     rgg_scale = rgg.effective_scale(sampler.eta)
     spsa_scale = spsa.effective_scale(sampler.eta)
+    guided_rows = (torch.arange(b, device=device) % group_size) < rgg.guided_members(group_size)
+    differentiate = rgg.shifts_anything or score_only is None  # else only score: no shift to compute
+    window = [i for i in range(n) if score_and_grad is not None and _window_on(rgg, i, n)]
+    record_next = output_rewards and bool(window)
 
     x = initial_noise.to(device=device, dtype=torch.float32) if initial_noise is not None else \
         _initial_noise(noise, shape, group_size, same_initial_noise, device)
@@ -260,6 +297,8 @@ def sample_trajectories(
     log_probs = torch.zeros(b, n, device=device)
     process_rewards = torch.zeros(b, n, device=device)
     evaluated = torch.zeros(b, n, dtype=torch.bool, device=device)
+    rewards_next = torch.zeros(b, n, device=device)
+    evaluated_next = torch.zeros(b, n, dtype=torch.bool, device=device)
     grad_norms = torch.zeros(b, n, device=device)
     guided_steps: list[int] = []
     guided_means: list[Tensor] = []
@@ -272,11 +311,24 @@ def sample_trajectories(
         v = _velocity(policy, x, s, cond, micro_batch)
         _add_time(timings, "policy", t0)
         shift: Tensor | None = None
-        if score_and_grad is not None and _window_on(rgg, i, n):
+        state_score: Tensor | None = None
+        if i in window:
             t0 = time.perf_counter()
-            shift, score, norms = _prm_guidance(score_and_grad, x, s, dt, cond, rgg, rgg_scale, i)
-            process_rewards[:, i], evaluated[:, i], grad_norms[:, i] = score, True, norms
+            if differentiate:
+                std = step_std(s, s_next, sampler.noise_type, eta=sampler.eta, flow_a=sampler.flow_a, sigma_1=sigma_1)
+                shift, state_score, norms = _prm_guidance(score_and_grad, x, s, dt, cond, rgg, rgg_scale, i,
+                                                          std.to(device), guided_rows)
+                grad_norms[:, i] = norms
+            else:
+                state_score = _prm_score(score_only, x, s, cond, i)  # type: ignore[arg-type]
+            process_rewards[:, i], evaluated[:, i] = state_score, True
             _add_time(timings, "prm", t0)
+        if record_next and i - 1 in window:  # x_i is the output of windowed transition i-1
+            if state_score is None:
+                t0 = time.perf_counter()
+                state_score = _prm_score(score_only or (lambda a, b_, c: score_and_grad(a, b_, c)[0]), x, s, cond, i)
+                _add_time(timings, "prm", t0)
+            rewards_next[:, i - 1], evaluated_next[:, i - 1] = state_score, True
         if spsa_score_fn is not None and _window_on(spsa, i, n):
             t0 = time.perf_counter()
             extra = _spsa_guidance(spsa_score_fn, x, v, s, dt, spsa, spsa_scale, noise.first())
@@ -294,6 +346,11 @@ def sample_trajectories(
             x0_hat_final = predicted_x0(x, v, s)
         x = out.x_next.float()
         path.append(x)
+    if record_next and n - 1 in window:  # the last transition's output is the final sample, at σ = 0
+        t0 = time.perf_counter()
+        last = _prm_score(score_only or (lambda a, b_, c: score_and_grad(a, b_, c)[0]), x, 0.0, cond, n)
+        rewards_next[:, n - 1], evaluated_next[:, n - 1] = last, True
+        _add_time(timings, "prm", t0)
 
     empty = torch.zeros(b, 0, *shape, device=device)
     return Trajectories(
@@ -314,6 +371,9 @@ def sample_trajectories(
         captions=list(captions) if captions is not None else [],
         group_size=group_size,
         weight_version=weight_version,
+        process_rewards_next=rewards_next if record_next else None,
+        process_evaluated_next=evaluated_next if record_next else None,
+        guided_rows=guided_rows if (window and rgg.guided_fraction < 1) else None,
     )
 
 
@@ -349,16 +409,18 @@ def sample_latents(
     sigmas = sigma_schedule(num_steps, shift)
     sigma_1 = flow_sigma_1(sigmas)
     noise = _NoiseSource(generator, b)
-    score_and_grad = _prm_callable(prm)
+    score_and_grad, _ = _prm_callables(prm)
     x = initial_noise.to(device=device, dtype=torch.float32) if initial_noise is not None else \
         noise.batch_noise(shape, device)
+    every_row = torch.ones(b, dtype=torch.bool, device=device)
     for i in range(num_steps):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         v = _velocity(policy, x, s, cond, micro_batch)
         mean_shift = None
         if score_and_grad is not None and rgg is not None and _window_on(rgg, i, num_steps):
+            std = step_std(s, s_next, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1).to(device)
             mean_shift, _, _ = _prm_guidance(score_and_grad, x, s, s - s_next, cond, rgg,
-                                             rgg.effective_scale(eta), i)
+                                             rgg.effective_scale(eta), i, std, every_row)
         xi = None if noise_type == "ode" else noise.batch_noise(shape, device)
         x = sde_step(x, v, s, s_next, noise_type=noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1,
                      guidance=mean_shift, noise=xi).x_next.float()

@@ -37,6 +37,7 @@ __all__ = [
     "sde_step",
     "sigma_schedule",
     "step_std",
+    "target_ratio_shift",
     "transition_log_prob",
     "unguided_mean",
 ]
@@ -230,6 +231,22 @@ def guidance_shift(
     if delta_t_scaling:
         factor = factor * expand_per_sample(dt, g, dtype)
     return factor * g
+
+
+def target_ratio_shift(grad: Tensor, ratio: ScalarLike, std: ScalarLike) -> Tensor:
+    """A guidance shift whose length is ``ratio`` times the length of the step's noise draw, along ``grad``:
+    ``ratio·std·√D·g/‖g‖`` per sample (D elements per sample; ``‖std·ξ‖ ≈ std·√D``). A zero gradient gives no
+    shift; with std = 0 (ODE) there is no noise to measure against and the shift is 0.
+    """
+    dtype = compute_dtype(grad, ratio, std)
+    g = grad.to(dtype)
+    dims = tuple(range(1, g.ndim))
+    if not dims:
+        raise ValueError("target_ratio_shift needs per-sample gradients of shape (B, ...)")
+    norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
+    d = math.prod(g.shape[1:])
+    length = expand_per_sample(ratio, g, dtype) * expand_per_sample(std, g, dtype) * math.sqrt(d)
+    return torch.where(norm > 0, length * g / norm.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(g))
 
 
 def guided_mean(

@@ -23,6 +23,7 @@ from euphonium_ray.models.base import TextConditioning
 __all__ = ["Trajectories", "TrajectoryError"]
 
 _COND_PREFIX = "cond."
+_OPTIONAL = ("process_rewards_next", "process_evaluated_next", "guided_rows")
 
 
 class TrajectoryError(ValueError):
@@ -40,6 +41,10 @@ class Trajectories:
     mean μ_guided,old(x_k) at those steps and ``guidance_shifts`` (B, M, C, T, h, w) = μ_guided − μ_unguided;
     ``x0_hat_final`` (B, C, T, h, w) the x̂0 predicted at the last step (what the outcome rewards score);
     ``group_ids`` / ``prompt_indices`` / ``sample_seeds`` (B,) long.
+
+    Optional (None when the run does not need them): ``process_rewards_next`` / ``process_evaluated_next`` (B, N)
+    the process reward of each windowed transition's OUTPUT x_{k+1} (for process credit at the output, see
+    ``AdvantageConfig.process_credit``); ``guided_rows`` (B,) bool, which members were guided (``rgg.guided_fraction``).
     """
 
     latents: Tensor
@@ -59,6 +64,9 @@ class Trajectories:
     captions: list[str] = field(default_factory=list)
     group_size: int = 1
     weight_version: int = 0
+    process_rewards_next: Tensor | None = None
+    process_evaluated_next: Tensor | None = None
+    guided_rows: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +121,9 @@ class Trajectories:
             "prompt_indices": (b,),
             "sample_seeds": (b,),
         }
+        for name, shape in (("process_rewards_next", (b, n)), ("process_evaluated_next", (b, n)), ("guided_rows", (b,))):
+            if getattr(self, name) is not None:
+                expect[name] = shape
         m = int(self.guided_steps.numel())
         expect["guided_means"] = (b, m, *self.latent_shape)
         expect["guidance_shifts"] = (b, m, *self.latent_shape)
@@ -205,6 +216,7 @@ class Trajectories:
     def from_dict(d: dict[str, Any]) -> "Trajectories":
         tensor_names = [f.name for f in fields(Trajectories) if f.name not in ("cond", "captions", "group_size",
                                                                                    "weight_version")]
+        tensor_names = [n for n in tensor_names if n not in _OPTIONAL or n in d]
         missing = [n for n in tensor_names + [_COND_PREFIX + "prompt_embeds"] if n not in d]
         if missing:
             raise TrajectoryError(f"trajectory dict is missing {missing}")

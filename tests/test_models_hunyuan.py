@@ -16,7 +16,8 @@ from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 from safetensors.torch import save_file
 
 from euphonium_ray.models.base import LatentCodec, Policy, TextConditioning
-from euphonium_ray.models.codecs import CodecError, HunyuanVAECodec, load_codec, register_codec
+from euphonium_ray.models.codecs import CodecError, HunyuanVAECodec, load_codec
+from euphonium_ray.registry import CODECS
 from euphonium_ray.models.hunyuan import HunyuanVideoPolicy, PolicyLoadError
 from euphonium_ray.models.tiny import build_tiny_hunyuan
 from euphonium_ray.toy.codec import PixelUnshuffleCodec
@@ -257,7 +258,7 @@ def test_registered_codec_factory_gets_config_and_folder(tmp_path):
         seen.update(config=config, folder=folder, **kwargs)
         return PixelUnshuffleCodec(factor=int(config["block"]))
 
-    register_codec("BlockCodecForTest", factory)
+    CODECS.register("BlockCodecForTest", factory, replace=True)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "BlockCodecForTest", "block": 4}))
     codec = load_codec(tmp_path)
     assert codec.factor == 4 and seen["folder"] == tmp_path and seen["dtype"] == torch.float32

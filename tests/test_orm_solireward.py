@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
 
-from euphonium_ray.config import ORMConfig, ToyConfig
+from euphonium_ray.config import ORMConfig, RewardsConfig, RunConfig, ToyConfig
 from euphonium_ray.models.base import OutcomeRewardModel
 from euphonium_ray.models.frames import FrameSamplingError, segment_centre_indices
-from euphonium_ray.models.orm_registry import build_orm
+from euphonium_ray.registry import ORMS
 from euphonium_ray.models.orm_solireward import (
     REWARD_CONFIG_FILE,
     REWARD_HEAD_FILE,
@@ -33,6 +33,11 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def build_orm(orm: ORMConfig, device: str = "cpu", toy: ToyConfig | None = None):
+    """The ORM a run with this ``rewards.orm`` section gets, through the one registry (``registry.ORMS``)."""
+    return ORMS.build(orm.backend, RunConfig(rewards=RewardsConfig(orm=orm), toy=toy or ToyConfig()), device)
 CAPTIONS = ["red", "a green circle moving left", "a blue triangle moving up and then right, quickly and slowly"]
 
 

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from euphonium_ray.config import ORMConfig
+from euphonium_ray.config import ORMConfig, RewardsConfig, RunConfig, ToyConfig
 from euphonium_ray.models.base import OutcomeRewardModel
 from euphonium_ray.models.frames import FrameSamplingError, judge_frames
-from euphonium_ray.models.orm_registry import build_orm
+from euphonium_ray.registry import ORMS
 from euphonium_ray.models.orm_solireward import DEFAULT_PROMPTS
 from euphonium_ray.models.orm_vllm import ARGS_ENV, VLLMJudgeClient, VLLMJudgeError, VLLMJudgeORM, VLLMServer
 
@@ -46,6 +46,11 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def build_orm(orm: ORMConfig, device: str = "cpu", toy: ToyConfig | None = None):
+    """The ORM a run with this ``rewards.orm`` section gets, through the one registry (``registry.ORMS``)."""
+    return ORMS.build(orm.backend, RunConfig(rewards=RewardsConfig(orm=orm), toy=toy or ToyConfig()), device)
 
 
 def build_tiny_judge(folder: Path) -> Path:

@@ -35,9 +35,11 @@ class RunLog:
     seed: int
     steps: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    task: str = "caption"
 
     def cut(self, budget: int) -> "RunLog":
-        return RunLog(self.method, self.seed, self.steps[:budget], [e for e in self.evals if e["step"] <= budget])
+        return RunLog(self.method, self.seed, self.steps[:budget], [e for e in self.evals if e["step"] <= budget],
+                      self.task)
 
     def train_curve(self, window: int) -> list[float]:
         return moving_average([float(s["train_reward"]) for s in self.steps], window)
@@ -251,3 +253,109 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {fin_s} | {gain_s} | {m['seconds_per_step']['mean']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the claim statistic
+def interpolated_crossing(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The step at which a curve of (step, reward) points first reaches ``target``, interpolating linearly between
+    the two evaluations around the crossing; the first point itself when it is already there; None if never."""
+    prev: tuple[float, float] | None = None
+    for step, value in points:
+        if value >= target:
+            if prev is None or prev[1] >= target:
+                return float(step)
+            s0, v0 = prev
+            return float(s0 + (step - s0) * (target - v0) / (value - v0))
+        prev = (step, value)
+    return None
+
+
+def _median_steps(values: Sequence[float | None]) -> float:
+    """Median with never-reached runs ranked last; +inf when the median itself never reached the target."""
+    med = censored_median(values)
+    return math.inf if med is None else med
+
+
+def _ratio_of_medians(base: Sequence[float | None], other: Sequence[float | None]) -> float:
+    """median steps of the baseline / median steps of the method (>1: the method is faster); inf and 0 where a
+    median is censored; nan when both are."""
+    b, o = _median_steps(base), _median_steps(other)
+    if math.isinf(b) and math.isinf(o):
+        return math.nan
+    if o == 0:
+        return math.inf if b > 0 else 1.0
+    return b / o
+
+
+def _auc(points: Sequence[tuple[float, float]], start: float, budget: int) -> float:
+    """Mean held-out gain over the budget: trapezoid area of (reward − start) over steps 0..budget, / budget."""
+    pts = [(s, v) for s, v in points if s <= budget]
+    area = sum((s1 - s0) * ((v0 - start) + (v1 - start)) / 2 for (s0, v0), (s1, v1) in zip(pts, pts[1:]))
+    return area / budget if budget else 0.0
+
+
+def claim_statistics(logs: list[RunLog], baseline: str, target_fraction: float, bootstrap: int,
+                     confidence: float, seed: int) -> dict[str, Any]:
+    """The pre-registered claim statistic for one task (bench/PROTOCOL.md).
+
+    start = the mean held-out reward at step 0 over the baseline's seeds (every method starts from the same base
+    policy and evaluation noise); gain = the baseline's mean final held-out reward − start; target = start +
+    ``target_fraction``·gain. Per run: the interpolated first step at which the held-out reward reaches the target
+    (None if never). Per method: ratio = median steps of the baseline / median steps of the method, with a paired
+    percentile bootstrap over seeds (the same resampled seeds for both); AUC = mean held-out gain over the
+    budget, its paired difference to the baseline with a bootstrap interval too.
+    """
+    import random
+
+    by_method: dict[str, dict[int, RunLog]] = {}
+    for log in logs:
+        by_method.setdefault(log.method, {})[log.seed] = log
+    if baseline not in by_method:
+        raise ValueError(f"baseline {baseline!r} has no runs")
+    budget = min(len(log.steps) for log in logs)
+    curves = {m: {s: [(float(e["step"]), float(e["heldout_reward"])) for e in r.evals if e["step"] <= budget]
+                  for s, r in runs.items()} for m, runs in by_method.items()}
+    base = curves[baseline]
+    starts = [c[0][1] for c in base.values() if c and c[0][0] == 0]
+    finals = [c[-1][1] for c in base.values() if c and c[-1][0] == budget]
+    if not starts or not finals:
+        raise ValueError("the baseline needs held-out evaluations at step 0 and at the end of the budget")
+    start = statistics.fmean(starts)
+    gain = statistics.fmean(finals) - start
+    target = start + target_fraction * gain
+    rng = random.Random(seed)
+    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    seeds_common = sorted(set.intersection(*(set(c) for c in curves.values())))
+    draws = [[rng.choice(seeds_common) for _ in seeds_common] for _ in range(bootstrap)]
+
+    def quantiles(xs: list[float]) -> tuple[float, float]:
+        finite = sorted(x for x in xs if not math.isnan(x))
+        if not finite:
+            return math.nan, math.nan
+        return finite[int(lo_q * (len(finite) - 1))], finite[int(math.ceil(hi_q * (len(finite) - 1)))]
+
+    base_steps = {s: interpolated_crossing(c, target) for s, c in base.items()}
+    base_auc = {s: _auc(c, start, budget) for s, c in base.items()}
+    methods: dict[str, Any] = {}
+    for m, runs in curves.items():
+        steps = {s: interpolated_crossing(c, target) for s, c in runs.items()}
+        auc = {s: _auc(c, start, budget) for s, c in runs.items()}
+        ratio = _ratio_of_medians([base_steps[s] for s in seeds_common], [steps[s] for s in seeds_common])
+        boot = [_ratio_of_medians([base_steps[s] for s in d], [steps[s] for s in d]) for d in draws]
+        diffs = [auc[s] - base_auc[s] for s in seeds_common]
+        boot_auc = [statistics.fmean(auc[s] - base_auc[s] for s in d) for d in draws]
+        methods[m] = {
+            "seeds": sorted(runs),
+            "steps_to_target": {str(s): v for s, v in sorted(steps.items())},
+            "reached": sum(v is not None for v in steps.values()),
+            "median_steps": censored_median(list(steps.values())),
+            "ratio_vs_baseline": ratio,
+            "ratio_ci": quantiles(boot),
+            "ratio_undefined_draws": sum(math.isnan(x) for x in boot),
+            "auc": _mean_std(list(auc.values())),
+            "auc_minus_baseline": statistics.fmean(diffs) if diffs else None,
+            "auc_minus_baseline_ci": quantiles(boot_auc),
+            "final_heldout_gain": _mean_std([c[-1][1] - start for c in runs.values() if c and c[-1][0] == budget]),
+        }
+    return {"budget_steps": budget, "start": start, "baseline_gain": gain, "target": target,
+            "target_fraction": target_fraction, "paired_seeds": seeds_common, "methods": methods}

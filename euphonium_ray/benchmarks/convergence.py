@@ -1,11 +1,13 @@
 """``euphonium-ray bench convergence``: does Euphonium learn faster than DanceGRPO and Flow-GRPO on the toy world?
 
-Every method (``bench/configs/<method>.yaml``, all extending ``base.yaml``) is trained at each seed with the same
-budget, prompts per step, group size, sampling steps and learning rate. In-process (default, ``lockstep.py``), all
-runs advance in lock-step — each round gives every (method, seed) one training step, in a rotating order — so load
-on a shared machine hits all methods alike and a time limit (``--max-minutes``) stops every run at the same step.
-With ``--ray`` the runs go through the Ray driver instead (``ray_runs.py``). Then the logs are analysed
-(``analysis.py``) and plotted (``plots.py``).
+Every method (``bench/configs/<method>.yaml``, all extending ``base.yaml``) is trained on every reward task of the
+suite (``benchmark.yaml: tasks``) at each seed with the same budget, prompts per step, group size, sampling steps
+and learning rate. In-process (default, ``lockstep.py``), all runs advance in lock-step — each round gives every
+(task, method, seed block) one training step, in a rotating order — so load on a shared machine hits all methods
+alike and a time limit (``--max-minutes``) stops every run at the same step; ``--seeds-per-unit`` trains that many
+seeds of a (task, method) as one batched ensemble (the way to use a GPU). With ``--ray`` the runs go through the Ray
+driver instead (``ray_runs.py``). Then the logs are analysed per task (``analysis.py``: the claim statistic of
+bench/PROTOCOL.md and the older steps/seconds-to-target table) and plotted (``plots.py``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from euphonium_ray.benchmarks import records
-from euphonium_ray.benchmarks.analysis import analyse, markdown_table
+from euphonium_ray.benchmarks.analysis import analyse, claim_statistics, markdown_table
 from euphonium_ray.benchmarks.settings import (
     BenchmarkSettings,
     check_shared_budget,
     load_method_config,
     load_settings,
     method_file,
+    task_overrides,
 )
 from euphonium_ray.config import ConfigError, RunConfig
 
@@ -44,7 +47,10 @@ class ConvergenceOptions(BaseModel):
     configs_dir: Path = DEFAULT_CONFIGS
     out_dir: Path = DEFAULT_OUT
     methods: list[str] | None = None
+    tasks: list[str] | None = None
     seeds: int | None = Field(default=None, ge=1)
+    seed_list: list[int] | None = None
+    seeds_per_unit: int = Field(default=1, ge=1)
     quick: bool = False
     ray: bool = False
     world: Literal["auto", "toy", "random"] = "auto"
@@ -56,10 +62,17 @@ class ConvergenceOptions(BaseModel):
     report_only: bool = False
 
 
-def resolve_plan(opts: ConvergenceOptions) -> tuple[BenchmarkSettings, dict[str, RunConfig], list[int]]:
-    """Settings (quick mode applied), each method's RunConfig (shared budget checked) and the seeds."""
+Plan = dict[str, dict[str, RunConfig]]  # task -> method -> config
+
+
+def resolve_plan(opts: ConvergenceOptions) -> tuple[BenchmarkSettings, Plan, list[int]]:
+    """Settings (quick mode applied), each task's methods' RunConfigs (shared budget checked per task), the seeds."""
     settings = load_settings(opts.configs_dir)
     methods = opts.methods or settings.methods
+    tasks = opts.tasks or list(settings.tasks)
+    unknown = [t for t in tasks if t not in settings.tasks]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {unknown}; benchmark.yaml defines: {', '.join(settings.tasks)}")
     files = {m: method_file(opts.configs_dir, m) for m in methods}  # unknown names fail here, naming the known ones
     if settings.baseline not in methods:
         raise ConfigError(f"--methods must include the baseline {settings.baseline!r} (the target comes from it)")
@@ -74,9 +87,13 @@ def resolve_plan(opts: ConvergenceOptions) -> tuple[BenchmarkSettings, dict[str,
         seeds = list(q.seeds)
     if opts.seeds is not None:
         seeds = (seeds + [max(seeds) + 1 + i for i in range(opts.seeds)])[: opts.seeds]
-    configs = {m: load_method_config(files[m], sets) for m in methods}
-    check_shared_budget(configs)
-    return settings, configs, seeds
+    if opts.seed_list:
+        seeds = list(opts.seed_list)
+    plan: Plan = {}
+    for task in tasks:
+        plan[task] = {m: load_method_config(files[m], [*task_overrides(settings.tasks[task]), *sets]) for m in methods}
+        check_shared_budget(plan[task])
+    return settings, plan, seeds
 
 
 def _world_source(opts: ConvergenceOptions, cfg: RunConfig, log: Log) -> str:
@@ -105,25 +122,67 @@ def open_world(opts: ConvergenceOptions, settings: BenchmarkSettings, base: RunC
     return world
 
 
+def claim_table(task: str, claim: dict[str, Any], bar: float | None) -> str:
+    """The protocol's table for one task: per method the ratio of median steps to target against the baseline with
+    its bootstrap interval, runs that reached the target, AUC difference and final held-out gain."""
+
+    def num(v: float | None, fmt: str) -> str:
+        import math
+
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return "inf" if math.isinf(v) else format(v, fmt)
+
+    met = "-" if bar is None else ("yes" if claim["baseline_gain"] >= bar else "NO")
+    lines = [f"### task {task}: start {claim['start']:.4f}, baseline gain {claim['baseline_gain']:+.4f} "
+             f"(bar +{bar if bar is not None else 0:.2f}: {met}), target {claim['target']:.4f} "
+             f"(start + {claim['target_fraction']:.0%} of the gain), budget {claim['budget_steps']} steps", "",
+             "| method | median steps to target | reached | ratio vs baseline [95% CI] | AUC − baseline [95% CI] "
+             "| final held-out gain |", "|---|---|---|---|---|---|"]
+    for name, m in claim["methods"].items():
+        lo, hi = m["ratio_ci"]
+        alo, ahi = m["auc_minus_baseline_ci"]
+        fin = m["final_heldout_gain"]
+        lines.append(f"| {name} | {num(m['median_steps'], '.1f')} | {m['reached']}/{len(m['seeds'])} "
+                     f"| {num(m['ratio_vs_baseline'], '.2f')}x [{num(lo, '.2f')}, {num(hi, '.2f')}] "
+                     f"| {num(m['auc_minus_baseline'], '+.4f')} [{num(alo, '+.4f')}, {num(ahi, '+.4f')}] "
+                     f"| {fin['mean']:+.4f} ± {fin['std']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: Path, info: dict[str, Any], log: Log) -> dict[str, Any]:
-    """Analyse the logs under ``out`` and write convergence.json / .md and the two PNG plots."""
+    """Analyse the logs under ``out`` per task and write convergence.json / .md and the PNG plots."""
     from euphonium_ray.benchmarks.plots import plot_convergence
 
     logs = records.load_logs(out)
     order = {m: i for i, m in enumerate(info.get("methods", []))}
-    logs.sort(key=lambda lg: (order.get(lg.method, len(order)), lg.method, lg.seed))
-    result = analyse(logs, info["settings"]["baseline"], info["settings"]["candidate"], info["settings"]["smoothing"])
-    plots = plot_convergence(logs, out, info["settings"]["smoothing"],
-                             title=f"toy-world convergence ({info.get('mode', '?')}, world={info.get('world', {}).get('source', '?')})")
-    curves = {f"{lg.method}/seed-{lg.seed}": {
-        "train_reward": [s["train_reward"] for s in lg.steps[: result["budget_steps"]]],
-        "heldout": [[e["step"], e["heldout_reward"]] for e in lg.evals if e["step"] <= result["budget_steps"]],
-    } for lg in logs}
-    report = {**info, **result, "plots": [str(p) for p in plots], "curves": curves}
+    logs.sort(key=lambda lg: (lg.task, order.get(lg.method, len(order)), lg.method, lg.seed))
+    st = info["settings"]
+    claim_cfg = st.get("claim", {})
+    tasks: dict[str, Any] = {}
+    text = []
+    plots: list[Path] = []
+    for task in sorted({lg.task for lg in logs}):
+        task_logs = [lg for lg in logs if lg.task == task]
+        result = analyse(task_logs, st["baseline"], st["candidate"], st["smoothing"])
+        claim = claim_statistics(task_logs, st["baseline"], claim_cfg.get("target_fraction", 0.8),
+                                 claim_cfg.get("bootstrap", 10000), claim_cfg.get("confidence", 0.95),
+                                 claim_cfg.get("bootstrap_seed", 0))
+        bar = st.get("tasks", {}).get(task, {}).get("bar")
+        plots += plot_convergence(task_logs, out, st["smoothing"], prefix=f"{task}_",
+                                  title=f"task {task} ({info.get('mode', '?')}, world={info.get('world', {}).get('source', '?')})",
+                                  target=claim["target"])
+        curves = {f"{lg.method}/seed-{lg.seed}": {
+            "train_reward": [s["train_reward"] for s in lg.steps[: result["budget_steps"]]],
+            "heldout": [[e["step"], e["heldout_reward"]] for e in lg.evals if e["step"] <= result["budget_steps"]],
+        } for lg in task_logs}
+        tasks[task] = {**result, "claim": claim, "baseline_met_bar": None if bar is None else claim["baseline_gain"] >= bar,
+                       "curves": curves}
+        text.append(claim_table(task, claim, bar) + "\n" + markdown_table(result))
+    report = {**info, "tasks": tasks, "plots": [str(p) for p in plots]}
     records.write_json_atomic(out / records.REPORT_JSON, report)
-    table = markdown_table(result)
-    records.write_text_atomic(out / records.REPORT_MD, table)
-    log(table)
+    records.write_text_atomic(out / records.REPORT_MD, "\n".join(text))
+    log("\n".join(text))
     log(f"report: {out / records.REPORT_JSON}; plots: {', '.join(str(p) for p in plots)}")
     return report
 
@@ -136,39 +195,43 @@ def run_benchmark(opts: ConvergenceOptions, log: Log = print) -> dict[str, Any]:
         if not info_path.is_file():
             raise records.RecordError(f"{info_path} not found: is {out} a benchmark output folder?")
         return write_report(out, json.loads(info_path.read_text()), log)
-    settings, configs, seeds = resolve_plan(opts)
+    settings, plan, seeds = resolve_plan(opts)
     torch.set_num_threads(opts.threads or settings.threads)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "configs").mkdir(exist_ok=True)
-    for method, cfg in configs.items():
-        cfg.save(out / "configs" / f"{method}.yaml")
+    for task, configs in plan.items():
+        (out / "configs" / task).mkdir(parents=True, exist_ok=True)
+        for method, cfg in configs.items():
+            cfg.save(out / "configs" / task / f"{method}.yaml")
+    first = next(iter(plan.values()))
     info: dict[str, Any] = {
         "benchmark": "convergence",
         "mode": "ray" if opts.ray else "in-process",
         "quick": opts.quick,
-        "methods": list(configs),
+        "tasks": list(plan),
+        "methods": list(first),
         "seeds": seeds,
+        "seeds_per_unit": opts.seeds_per_unit,
         "settings": settings.model_dump(mode="json"),
         "overrides": opts.sets,
         "git": records.git_state(),
-        "config_hash": records.config_hashes(configs),
+        "config_hash": {task: records.config_hashes(configs) for task, configs in plan.items()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     records.write_json_atomic(out / records.RUN_INFO, info)
-    world = open_world(opts, settings, next(iter(configs.values())), log)
+    world = open_world(opts, settings, next(iter(first.values())), log)
     info["world"] = {"source": world.paths.source, **world.paths.provenance,
                      "train_prompts": len(world.train), "heldout_prompts": [world.captions[i] for i in world.heldout]}
     records.write_json_atomic(out / records.RUN_INFO, info)
     if opts.ray:
         from euphonium_ray.benchmarks.ray_runs import run_on_ray
 
-        info.update(run_on_ray(world, settings, configs, seeds, out, log))
+        info.update(run_on_ray(world, settings, plan, seeds, out, log))
     else:
         from euphonium_ray.benchmarks.lockstep import run_in_process
 
-        info.update(run_in_process(world.paths, settings, configs, seeds, out, device=opts.device,
+        info.update(run_in_process(world.paths, settings, plan, seeds, out, device=opts.device,
                                    threads=opts.threads or settings.threads, workers=opts.workers or settings.workers,
-                                   max_minutes=opts.max_minutes, log=log))
+                                   seeds_per_unit=opts.seeds_per_unit, max_minutes=opts.max_minutes, log=log))
     records.write_json_atomic(out / records.RUN_INFO, info)
     return write_report(out, info, log)
 
@@ -178,6 +241,10 @@ def parse_args(argv: list[str]) -> ConvergenceOptions:
     p.add_argument("--quick", action="store_true", help="CI-sized budgets (benchmark.yaml: quick)")
     p.add_argument("--ray", action="store_true", help="run through the Ray driver on a local Ray (default: in-process)")
     p.add_argument("--seeds", type=int, help="number of seeds per method (default: benchmark.yaml)")
+    p.add_argument("--seed-list", type=int, nargs="+", help="exactly these seeds (e.g. the protocol's final seeds)")
+    p.add_argument("--tasks", nargs="+", help="reward tasks to run (default: all in benchmark.yaml)")
+    p.add_argument("--seeds-per-unit", type=int, default=1,
+                   help="seeds of one (task, method) trained together as one batched ensemble (use on a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--methods", nargs="+", help="methods to run (default: all in benchmark.yaml)")
     p.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS, help="folder of base/method/benchmark YAMLs")
@@ -192,10 +259,10 @@ def parse_args(argv: list[str]) -> ConvergenceOptions:
                    help="override a config key for EVERY method (the budget stays shared)")
     p.add_argument("--report-only", action="store_true", help="re-analyse and re-plot the logs already in --out")
     a = p.parse_args(argv)
-    return ConvergenceOptions(configs_dir=a.configs, out_dir=a.out, methods=a.methods, seeds=a.seeds, quick=a.quick,
+    return ConvergenceOptions(configs_dir=a.configs, out_dir=a.out, methods=a.methods, tasks=a.tasks, seeds=a.seeds,
+                              seed_list=a.seed_list, seeds_per_unit=a.seeds_per_unit, quick=a.quick,
                               ray=a.ray, world=a.world, threads=a.threads, max_minutes=a.max_minutes, device=a.device,
-                              workers=a.workers,
-                              sets=a.sets, report_only=a.report_only)
+                              workers=a.workers, sets=a.sets, report_only=a.report_only)
 
 
 def main(argv: list[str]) -> int:

@@ -38,8 +38,10 @@ def _series(log: RunLog, panel: str, axis: str, smoothing: int) -> tuple[np.ndar
     return x, y
 
 
-def plot_convergence(logs: list[RunLog], out_dir: str | Path, smoothing: int, title: str = "") -> list[Path]:
-    """Write ``reward_vs_step.png`` and ``reward_vs_seconds.png``; returns their paths."""
+def plot_convergence(logs: list[RunLog], out_dir: str | Path, smoothing: int, title: str = "", prefix: str = "",
+                     target: float | None = None) -> list[Path]:
+    """Write ``{prefix}reward_vs_step.png`` and ``{prefix}reward_vs_seconds.png`` (the held-out panel with the claim's
+    target as a dashed line when given); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,8 +57,8 @@ def plot_convergence(logs: list[RunLog], out_dir: str | Path, smoothing: int, ti
                                ("seconds", "reward_vs_seconds.png", "training wall-clock seconds")):
         fig, panels = plt.subplots(1, 2, figsize=(13, 4.8))
         for ax, panel, ylabel in (
-            (panels[0], "train", f"ORM reward, training rollouts (moving avg {smoothing})"),
-            (panels[1], "heldout", "ORM reward, held-out unguided ODE samples"),
+            (panels[0], "train", f"task reward, training rollouts (moving avg {smoothing})"),
+            (panels[1], "heldout", "task reward, held-out unguided ODE samples"),
         ):
             for method, runs in methods.items():
                 series = [_series(r, panel, axis, smoothing) for r in runs]
@@ -67,13 +69,15 @@ def plot_convergence(logs: list[RunLog], out_dir: str | Path, smoothing: int, ti
                 line = ax.plot(grid, mean, label=f"{method} (n={len(series)})", marker="o" if len(grid) < 12 else None,
                                ms=3)[0]
                 ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            if panel == "heldout" and target is not None:
+                ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target (protocol)")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         panels[1].legend(fontsize=8, loc="best")
         fig.suptitle(title or "convergence on the toy world: mean over seeds, band = min-max")
         fig.tight_layout()
-        path = out / name
+        path = out / f"{prefix}{name}"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -27,7 +27,8 @@ def driver_config(cfg: RunConfig, world: BenchWorld, train_index: Path, seed: in
     rcfg.seed = seed
     rcfg.model.path = str(world.paths.model_dir)
     rcfg.data.prompts = str(train_index)
-    rcfg.rewards.prm.path = str(world.paths.prm_dir)
+    if not rcfg.rewards.prm.path:
+        rcfg.rewards.prm.path = str(world.paths.prm_dir)
     rcfg.output.dir = str(out_dir)
     rcfg.output.eval_every = 0  # the benchmark evaluates on its own held-out prompts
     rcfg.output.save_every = rcfg.steps  # one checkpoint, at the end
@@ -37,15 +38,16 @@ def driver_config(cfg: RunConfig, world: BenchWorld, train_index: Path, seed: in
 
 
 class _RayRunLogger:
-    """The driver's step callback for one (method, seed) run."""
+    """The driver's step callback for one (task, method, seed) run."""
 
-    def __init__(self, method: str, seed: int, world: BenchWorld, cfg: RunConfig, settings: BenchmarkSettings,
-                 out: Path, log: Log) -> None:
-        self.method, self.seed, self.world, self.cfg, self.settings = method, seed, world, cfg, settings
-        self.dir = records.run_dir(out, method, seed)
+    def __init__(self, task: str, method: str, seed: int, world: BenchWorld, cfg: RunConfig,
+                 settings: BenchmarkSettings, out: Path, log: Log) -> None:
+        self.task, self.method, self.seed, self.world, self.cfg, self.settings = task, method, seed, world, cfg, settings
+        self.orm = world.reward(cfg)
+        self.dir = records.run_dir(out, task, method, seed)
         for name in (records.STEPS_FILE, records.EVALS_FILE):
             (self.dir / name).unlink(missing_ok=True)
-        self.policy = world.load_policy("none")
+        self.policy = world.load_policy("lora" if cfg.model.trainable == "lora" else "none", seed=seed)
         self.noise = world.heldout_noise(settings.eval_samples_per_prompt, settings.eval_seed)
         self.version = 0
         self.cum_seconds = 0.0
@@ -66,9 +68,10 @@ class _RayRunLogger:
                 raise RuntimeError(f"{self.method}/seed {self.seed}: wanted weight version {version}, got {got}")
             self.policy.load_sync_state_dict(state)
             self.version = got
-        r = heldout_reward(self.policy, self.world, self.cfg, self.noise, self.settings.eval_samples_per_prompt)
+        r = heldout_reward(self.policy, self.world, self.cfg, self.orm, self.noise,
+                           self.settings.eval_samples_per_prompt)[0]
         records.append_jsonl(self.dir / records.EVALS_FILE, {
-            "step": version, "heldout_reward": float(r.mean()), "heldout_reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+            "task": self.task, "method": self.method, "seed": self.seed, "step": version, "heldout_reward": float(r.mean()), "heldout_reward_std": float(r.std()) if r.numel() > 1 else 0.0,
             "cum_seconds": self.cum_seconds, "eval_seconds": time.perf_counter() - t0,
         })
 
@@ -81,7 +84,7 @@ class _RayRunLogger:
         seconds = float(s["time/step"])
         self.cum_seconds += seconds
         records.append_jsonl(self.dir / records.STEPS_FILE, {
-            "step": step,
+            "task": self.task, "method": self.method, "seed": self.seed, "step": step,
             "train_reward": float(s["reward/orm_mean"]),
             "train_reward_std": float(s["reward/orm_std"]),
             "seconds": seconds,
@@ -93,13 +96,13 @@ class _RayRunLogger:
         done = step + 1
         if done % self.settings.eval_every == 0 or done == self.cfg.steps:
             self._evaluate(system, done)
-        self.log(f"  {self.method}/seed {self.seed} step {done}/{self.cfg.steps}: train reward "
+        self.log(f"  {self.task}/{self.method}/seed {self.seed} step {done}/{self.cfg.steps}: train reward "
                  f"{float(s['reward/orm_mean']):.4f} ({seconds:.1f}s)")
 
 
-def run_on_ray(world: BenchWorld, settings: BenchmarkSettings, configs: dict[str, RunConfig], seeds: list[int],
-               out: Path, log: Log) -> dict[str, Any]:
-    """Each (method, seed) through ``driver.train`` on one local Ray started here (seeds outer, methods inner)."""
+def run_on_ray(world: BenchWorld, settings: BenchmarkSettings, configs: dict[str, dict[str, RunConfig]],
+               seeds: list[int], out: Path, log: Log) -> dict[str, Any]:
+    """Each (task, method, seed) through ``driver.train`` on one local Ray started here (seeds outer)."""
     import time
 
     import ray
@@ -107,7 +110,7 @@ def run_on_ray(world: BenchWorld, settings: BenchmarkSettings, configs: dict[str
     from euphonium_ray.driver import train
 
     train_index = world.write_prompt_index(out / "world" / "train_prompts.json", world.train)
-    base = next(iter(configs.values()))
+    base = next(iter(next(iter(configs.values())).values()))
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=base.cluster.num_cpus or 2,
@@ -115,11 +118,12 @@ def run_on_ray(world: BenchWorld, settings: BenchmarkSettings, configs: dict[str
     t0 = time.monotonic()
     try:
         for seed in seeds:
-            for method, cfg in configs.items():
-                rcfg = driver_config(cfg, world, train_index, seed, out / "driver" / method / f"seed-{seed}")
-                log(f"{method}/seed {seed}: driver.train on local Ray ({rcfg.steps} steps)")
-                hook = _RayRunLogger(method, seed, world, rcfg, settings, out, log)
-                train(rcfg, progress=False, on_event=hook)
+            for task, per_method in configs.items():
+                for method, cfg in per_method.items():
+                    rcfg = driver_config(cfg, world, train_index, seed, out / "driver" / task / method / f"seed-{seed}")
+                    log(f"{task}/{method}/seed {seed}: driver.train on local Ray ({rcfg.steps} steps)")
+                    hook = _RayRunLogger(task, method, seed, world, rcfg, settings, out, log)
+                    train(rcfg, progress=False, on_event=hook)
     finally:
         if started_ray:
             ray.shutdown()

@@ -4,8 +4,8 @@ Layout under the output folder::
 
     run_info.json                     options, settings, world, git commit, config hashes (written first)
     configs/<method>.yaml             each method's resolved RunConfig (loadable by ``euphonium-ray train``)
-    runs/<method>/seed-<s>/steps.jsonl  one training-step record per line
-    runs/<method>/seed-<s>/evals.jsonl  one held-out evaluation per line
+    runs/<task>/<method>/seed-<s>/steps.jsonl  one training-step record per line
+    runs/<task>/<method>/seed-<s>/evals.jsonl  one held-out evaluation per line
     convergence.json / convergence.md / reward_vs_step.png / reward_vs_seconds.png   the report
 
 Logs are appended line by line (and flushed), so a run stopped part-way can still be reported.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -37,8 +38,8 @@ class RecordError(ValueError):
     """A benchmark output folder whose logs cannot be read; the message names the file and line."""
 
 
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    return out / "runs" / method / f"seed-{seed}"
+def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / "runs" / task / method / f"seed-{seed}"
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -62,7 +63,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def json_safe(data: Any) -> Any:
+    """Non-finite floats as the strings "inf", "-inf", "nan" (strict JSON has no such numbers), recursively."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    return data
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
+    data = json_safe(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -83,19 +96,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def load_logs(out: Path) -> list[RunLog]:
-    """Every run under ``out/runs`` (method/seed-N folders), sorted by method then seed."""
+    """Every run under ``out/runs`` (task/method/seed-N folders), sorted by task, method, seed."""
     root = out / "runs"
     if not root.is_dir():
         raise RecordError(f"no benchmark runs under {root}")
     logs = []
-    for method_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for seed_dir in sorted(p for p in method_dir.iterdir() if p.is_dir() and p.name.startswith("seed-")):
-            try:
-                seed = int(seed_dir.name.removeprefix("seed-"))
-            except ValueError:
-                raise RecordError(f"{seed_dir}: expected a folder named seed-<integer>") from None
-            logs.append(RunLog(method_dir.name, seed, read_jsonl(seed_dir / STEPS_FILE),
-                               read_jsonl(seed_dir / EVALS_FILE)))
+    for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir()):
+            for seed_dir in sorted(p for p in method_dir.iterdir() if p.is_dir() and p.name.startswith("seed-")):
+                try:
+                    seed = int(seed_dir.name.removeprefix("seed-"))
+                except ValueError:
+                    raise RecordError(f"{seed_dir}: expected a folder named seed-<integer>") from None
+                logs.append(RunLog(method_dir.name, seed, read_jsonl(seed_dir / STEPS_FILE),
+                                   read_jsonl(seed_dir / EVALS_FILE), task=task_dir.name))
     if not logs:
         raise RecordError(f"no runs found under {root}")
     return logs

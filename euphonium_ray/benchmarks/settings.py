@@ -58,12 +58,38 @@ class QuickSettings(BaseModel):
     sets: list[str] = Field(default_factory=list)  # --set style overrides applied to every method
 
 
+class TaskSettings(BaseModel):
+    """One reward task of the suite: its outcome reward (``registry.ORMS``), its trained latent PRM folder, and the
+    held-out gain the baseline must reach within the budget for the task to count as climbable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    orm: str
+    prm: str = ""  # trained by `euphonium-ray train-prm --orm <orm>`; empty: the world's default PRM
+    bar: float = 0.10
+
+
+class ClaimSettings(BaseModel):
+    """The claim statistic (bench/PROTOCOL.md): steps until the held-out reward first reaches
+    ``start + target_fraction · (baseline's final gain)``, linearly interpolated between evaluations, compared as
+    the ratio of medians over seeds, with a paired bootstrap interval over seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_fraction: float = Field(default=0.8, gt=0, le=1)
+    bootstrap: int = Field(default=10000, ge=100)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    bootstrap_seed: int = 20261202
+
+
 class BenchmarkSettings(BaseModel):
     """The measuring instrument, identical for all methods."""
 
     model_config = ConfigDict(extra="forbid")
 
     methods: list[str]
+    tasks: dict[str, TaskSettings] = Field(default_factory=lambda: {"caption": TaskSettings(orm="toy-caption")})
+    claim: ClaimSettings = ClaimSettings()
     baseline: str = "dance-grpo"
     candidate: str = "euphonium"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -79,6 +105,8 @@ class BenchmarkSettings(BaseModel):
 
     @model_validator(mode="after")
     def _compared_methods_are_run(self) -> "BenchmarkSettings":
+        if not self.tasks:
+            raise ValueError("tasks must name at least one reward task")
         if not self.methods:
             raise ValueError("methods must name at least one method")
         if len(set(self.methods)) != len(self.methods):
@@ -124,6 +152,14 @@ def resolve_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, An
     if not isinstance(parent, str):
         raise ConfigError(f"{file}: '{EXTENDS_KEY}' must be a path to another YAML file, got {parent!r}")
     return deep_merge(resolve_tree(file.parent / parent, (*_seen, file)), tree)
+
+
+def task_overrides(task: TaskSettings) -> list[str]:
+    """The ``--set`` overrides that point a method's config at a task (its reward and its PRM)."""
+    sets = [f"rewards.orm.backend={task.orm}"]
+    if task.prm:
+        sets.append(f"rewards.prm.path={task.prm}")
+    return sets
 
 
 def load_method_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

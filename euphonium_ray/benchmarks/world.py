@@ -1,4 +1,4 @@
-"""The toy world a benchmark runs in: model folder, prompt embeddings, held-out split, ORM and PRM.
+"""The toy world a benchmark runs in: model folder, prompt embeddings, held-out split, the tasks' rewards and PRMs.
 
 Two sources, both loaded through the same ``from_pretrained`` paths a user's folders go through:
 
@@ -21,10 +21,10 @@ from torch import Tensor
 
 from euphonium_ray.config import ConfigError, RunConfig
 from euphonium_ray.data import PromptEmbeddingDataset
-from euphonium_ray.models.base import TextConditioning
-from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+from euphonium_ray.models.base import OutcomeRewardModel, TextConditioning
+from euphonium_ray.models.hunyuan import HunyuanVideoPolicy, set_tf32
 from euphonium_ray.models.prm import LatentPRM
-from euphonium_ray.toy.orm import ToyPixelORM
+from euphonium_ray.registry import ORMS, PRMS
 
 WorldSource = Literal["toy", "random"]
 TOY_ASSETS = Path(__file__).resolve().parents[1] / "toy" / "assets"
@@ -99,9 +99,9 @@ def _random_paths(cfg: RunConfig, work_dir: Path, seed: int, log: Callable[[str]
 def prepare_world(cfg: RunConfig, work_dir: str | Path, source: WorldSource,
                   log: Callable[[str], None] = print, seed: int = 0) -> WorldPaths:
     """Make sure the world's folders exist (building what is missing) and say where they are."""
-    if cfg.rewards.orm.backend != "toy":
-        raise ConfigError(f"the convergence benchmark runs on the toy world: rewards.orm.backend must be 'toy', "
-                          f"got {cfg.rewards.orm.backend!r}")
+    if cfg.model.family != "toy":
+        raise ConfigError(f"the convergence benchmark runs on the toy world: model.family must be 'toy', "
+                          f"got {cfg.model.family!r}")
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if source == "toy":
@@ -112,11 +112,14 @@ def prepare_world(cfg: RunConfig, work_dir: str | Path, source: WorldSource,
 
 
 class BenchWorld:
-    """Loaded world: prompts (train / held-out split), their embeddings, codec, ORM, PRM; makes fresh policies."""
+    """Loaded world: prompts (train / held-out split), their embeddings and captions, codec; makes fresh policies,
+    and builds each task's reward (``registry.ORMS``) and process reward (``registry.PRMS``), loading a trained
+    PRM folder once."""
 
     def __init__(self, paths: WorldPaths, cfg: RunConfig, heldout_prompts: int, heldout_seed: int,
                  device: str | torch.device = "cpu") -> None:
         self.paths, self.cfg, self.device = paths, cfg, torch.device(device)
+        set_tf32(cfg.model.tf32)
         pooled = int(json.loads((paths.model_dir / "transformer" / "config.json").read_text())["pooled_projection_dim"])
         dataset = PromptEmbeddingDataset(paths.embeddings, pooled_dim=pooled)
         self.captions: list[str] = dataset.captions
@@ -124,32 +127,48 @@ class BenchWorld:
         if not 0 < heldout_prompts < n:
             raise ConfigError(f"heldout_prompts={heldout_prompts} must leave training prompts: the world has {n}")
         cond, _ = dataset.conditioning(list(range(n)))
-        self.cond_all: TextConditioning = cond.to(self.device, torch.float32)
+        self.cond_all: TextConditioning = cond.to(self.device, torch.float32).with_captions(self.captions)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(heldout_seed)).tolist()
         self.heldout: list[int] = sorted(order[:heldout_prompts])
         self.train: list[int] = sorted(order[heldout_prompts:])
-        self.orm = ToyPixelORM.from_config(cfg.toy)
         probe = self.load_policy(trainable="none")
         self.codec = probe.codec
         self.latent_shape = tuple(self.codec.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width))
-        self.prm = LatentPRM.from_pretrained(paths.prm_dir, device=self.device, dtype=torch.float32).requires_grad_(False)
+        self._latent_prms: dict[str, LatentPRM] = {}
 
-    def load_policy(self, trainable: Literal["full", "lora", "none"] = "full") -> HunyuanVideoPolicy:
-        """A fresh copy of the base policy (fp32 master weights), read from the model folder."""
+    def load_policy(self, trainable: Literal["full", "lora", "none"] = "full", seed: int = 0) -> HunyuanVideoPolicy:
+        """A fresh copy of the base policy (fp32 master weights), read from the model folder; LoRA adapters are
+        drawn from ``seed`` (the run's seed)."""
         m = self.cfg.model
         return HunyuanVideoPolicy.from_pretrained(
             self.paths.model_dir, dtype=torch.float32, device=self.device, checkpoint=m.checkpoint,
-            trainable=trainable, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, embedded_guidance=m.embedded_guidance,
+            trainable=trainable, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_seed=seed,
+            embedded_guidance=m.embedded_guidance,
         )
+
+    def reward(self, cfg: RunConfig) -> OutcomeRewardModel:
+        """The task reward ``rewards.orm.backend`` names."""
+        return ORMS.build(cfg.rewards.orm.backend, cfg, self.device)
+
+    def process_reward(self, cfg: RunConfig, policy: object = None):
+        """The run's PRM: a trained latent PRM (``rewards.prm.path``, else the world's default, loaded once and
+        shared by the runs that use it) or the oracle around ``policy``."""
+        if cfg.rewards.prm.kind != "latent":
+            return PRMS.build(cfg.rewards.prm.kind, cfg, self.device, policy=policy, codec=self.codec)
+        path = cfg.rewards.prm.path or str(self.paths.prm_dir)
+        if path not in self._latent_prms:
+            self._latent_prms[path] = LatentPRM.from_pretrained(path, device=self.device,
+                                                                dtype=torch.float32).requires_grad_(False)
+        return self._latent_prms[path]
 
     def conditioning(self, prompt_indices: list[int], repeats: int = 1) -> tuple[TextConditioning, list[str]]:
         """Rows of ``prompt_indices``, each repeated ``repeats`` times (contiguous groups), and their captions."""
         cond = self.cond_all.index(prompt_indices).repeat_interleave(repeats)
         return cond, [self.captions[i] for i in prompt_indices for _ in range(repeats)]
 
-    def decode_and_score(self, latents: Tensor, captions: list[str]) -> Tensor:
-        """ORM reward (B,) of latents decoded to pixels."""
-        return self.orm.score(self.codec.decode(latents), captions).float()
+    def decode_and_score(self, orm: OutcomeRewardModel, latents: Tensor, captions: list[str]) -> Tensor:
+        """Task reward (B,) of latents decoded to pixels."""
+        return orm.score(self.codec.decode(latents), captions).float()
 
     def write_prompt_index(self, path: str | Path, prompt_indices: list[int]) -> Path:
         """A ``videos2caption.json`` of just these prompts (absolute paths), e.g. the training prompts for the driver,

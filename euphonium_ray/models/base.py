@@ -20,11 +20,14 @@ class TextConditioning:
 
     ``prompt_embeds`` (B, L, D) are the LLM hidden states, ``attention_mask`` (B, L) marks real tokens and
     ``pooled`` (B, P) is the CLIP pooled vector (upstream stores it as row 0 of a (L+1, D) tensor, first P dims).
+    ``captions`` (optional, B strings) ride along for components that read text rather than embeddings (the toy
+    world's oracle process reward); they never travel in :meth:`as_dict`.
     """
 
     prompt_embeds: Tensor
     attention_mask: Tensor
     pooled: Tensor
+    captions: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
@@ -37,8 +40,18 @@ class TextConditioning:
             pooled=self.pooled.to(device=device, dtype=dtype),
         )
 
+    def with_captions(self, captions: list[str] | tuple[str, ...] | None) -> "TextConditioning":
+        if captions is not None and len(captions) != len(self):
+            raise ValueError(f"{len(captions)} captions for {len(self)} text conditionings")
+        return replace(self, captions=None if captions is None else tuple(captions))
+
     def index(self, idx: Tensor | slice | list[int]) -> "TextConditioning":
-        return TextConditioning(self.prompt_embeds[idx], self.attention_mask[idx], self.pooled[idx])
+        captions = None
+        if self.captions is not None:
+            rows = range(len(self))[idx] if isinstance(idx, slice) else (
+                idx.reshape(-1).tolist() if isinstance(idx, Tensor) else list(idx))
+            captions = tuple(self.captions[int(i)] for i in rows)
+        return TextConditioning(self.prompt_embeds[idx], self.attention_mask[idx], self.pooled[idx], captions)
 
     def repeat_interleave(self, repeats: int) -> "TextConditioning":
         """Each prompt repeated for its G group members (contiguous groups)."""
@@ -46,14 +59,17 @@ class TextConditioning:
             self.prompt_embeds.repeat_interleave(repeats, 0),
             self.attention_mask.repeat_interleave(repeats, 0),
             self.pooled.repeat_interleave(repeats, 0),
+            None if self.captions is None else tuple(c for c in self.captions for _ in range(repeats)),
         )
 
     @staticmethod
     def cat(items: list["TextConditioning"]) -> "TextConditioning":
+        have = all(c.captions is not None for c in items)
         return TextConditioning(
             torch.cat([c.prompt_embeds for c in items]),
             torch.cat([c.attention_mask for c in items]),
             torch.cat([c.pooled for c in items]),
+            tuple(x for c in items for x in c.captions) if have else None,  # type: ignore[union-attr]
         )
 
     def as_dict(self) -> dict[str, Tensor]:

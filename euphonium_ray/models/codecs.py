@@ -1,49 +1,25 @@
 """Latent codecs: pixels (B, 3, F, H, W) in [-1, 1] <-> the DiT's scaled latents (B, C, T, h, w).
 
-``load_codec(folder)`` reads ``folder/config.json`` and dispatches on its ``_class_name``, so a model folder says
-which codec it needs: HunyuanVideo's causal VAE (diffusers ``AutoencoderKLHunyuanVideo``) for real models, the toy
-world's exact pixel-unshuffle transform for the synthetic world, or anything registered with ``register_codec``.
+``load_codec(folder)`` reads ``folder/config.json`` and looks its ``_class_name`` up in ``registry.CODECS``, so a model
+folder says which codec it needs: HunyuanVideo's causal VAE (diffusers ``AutoencoderKLHunyuanVideo``) for real
+models, the toy world's exact pixel-unshuffle transform (registered by name; this module never imports the toy
+world), or anything a plugin registers with ``CODECS.register(class_name, factory)``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from euphonium_ray.models.base import LatentCodec
-
-# A factory gets the folder's parsed config.json, the folder itself (for weights) and keyword arguments ``dtype``
-# and ``device`` (a weightless codec may ignore them), and returns a codec.
-CodecFactory = Callable[..., LatentCodec]
-
-_REGISTRY: dict[str, CodecFactory] = {}
-# Codecs that live in modules we import only when a folder asks for them (keeps the toy world optional).
-_LAZY: dict[str, str] = {"PixelUnshuffleCodec": "euphonium_ray.toy.codec:PixelUnshuffleCodec"}
-
+from euphonium_ray.registry import CODECS
 
 class CodecError(ValueError):
     """A codec folder that cannot be loaded; the message names the file."""
-
-
-def register_codec(name: str, factory: CodecFactory) -> None:
-    """Make ``_class_name: name`` in a codec folder's config.json load through
-    ``factory(config, folder, dtype=..., device=...)``."""
-    _REGISTRY[name] = factory
-
-
-def registered_codecs() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_LAZY))
-
-
-def _lazy_factory(name: str) -> CodecFactory:
-    module, cls_name = _LAZY[name].split(":")
-    cls = getattr(importlib.import_module(module), cls_name)
-    return lambda config, folder, **_: cls.from_config(config)
 
 
 def read_codec_config(folder: str | Path) -> dict[str, Any]:
@@ -69,15 +45,9 @@ def load_codec(
     folder = Path(folder)
     config = read_codec_config(folder)
     name = config["_class_name"]
-    if name in _REGISTRY:
-        factory = _REGISTRY[name]
-    elif name in _LAZY:
-        factory = _lazy_factory(name)
-    else:
-        raise CodecError(
-            f"{folder / 'config.json'}: unknown codec class {name!r}; known: {', '.join(registered_codecs())}"
-        )
-    return factory(config, folder, dtype=dtype, device=device)
+    if name not in CODECS:
+        raise CodecError(f"{folder / 'config.json'}: unknown codec class {name!r}; known: {', '.join(CODECS.names())}")
+    return CODECS.get(name)(config, folder, dtype=dtype, device=device)
 
 
 class HunyuanVAECodec:
@@ -111,6 +81,12 @@ class HunyuanVAECodec:
 
         vae = AutoencoderKLHunyuanVideo.from_pretrained(folder, torch_dtype=dtype)
         return cls(vae.to(device), **kwargs)
+
+    @classmethod
+    def from_folder(cls, config: dict[str, Any], folder: str | Path, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> "HunyuanVAECodec":
+        """The ``registry.CODECS`` factory: a ``vae/`` folder in diffusers' layout."""
+        return cls.from_pretrained(folder, dtype=dtype, device=device)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "HunyuanVAECodec":
         self.vae.to(device=device, dtype=dtype)
@@ -159,10 +135,3 @@ class HunyuanVAECodec:
         """How many frames a decode of ``latent_frames`` latent frames gives: ``4·(T−1)+1``."""
         return self.temporal_ratio * (latent_frames - 1) + 1
 
-
-register_codec(
-    "AutoencoderKLHunyuanVideo",
-    lambda config, folder, dtype=torch.float32, device="cpu": HunyuanVAECodec.from_pretrained(
-        folder, dtype=dtype, device=device
-    ),
-)

@@ -89,6 +89,7 @@ class HunyuanVideoPolicy:
         trainable: Literal["full", "lora", "none"] = "full",
         lora_rank: int = 16,
         lora_alpha: float = 16.0,
+        lora_seed: int = 0,
         embedded_guidance: float = EMBEDDED_GUIDANCE,
         gradient_checkpointing: bool = False,
         autocast_dtype: torch.dtype | str | None = None,
@@ -98,7 +99,8 @@ class HunyuanVideoPolicy:
     ) -> "HunyuanVideoPolicy":
         """Load ``path/transformer`` (and the codec from ``path/vae``), then ``checkpoint`` over it, then LoRA.
 
-        ``dtype`` is the weight dtype (bf16 for rollout copies, fp32 for a learner's master weights);
+        ``dtype`` is the weight dtype (bf16 for rollout copies, fp32 for a learner's master weights); LoRA adapters
+        are initialised from ``lora_seed`` (the run's seed);
         ``autocast_dtype`` (e.g. bf16 on GPU) runs the forward under autocast. ``trainable="none"`` freezes all.
         Attention is diffusers' default, PyTorch SDPA; ``attention_backend`` picks another diffusers backend
         (e.g. ``"flash"`` with flash-attn installed, or ``"_native_cudnn"``).
@@ -122,7 +124,7 @@ class HunyuanVideoPolicy:
         if checkpoint is not None:
             load_transformer_checkpoint(transformer, checkpoint)
         if trainable == "lora":
-            add_lora(transformer, rank=lora_rank, alpha=lora_alpha)
+            add_lora(transformer, rank=lora_rank, alpha=lora_alpha, seed=lora_seed)
         elif trainable == "full":
             transformer.requires_grad_(True)
         elif trainable == "none":
@@ -175,29 +177,36 @@ class HunyuanVideoPolicy:
         if len(cond) != latents.shape[0]:
             raise ValueError(f"batch of {latents.shape[0]} latents but {len(cond)} text conditionings")
 
-    def velocity(self, latents: Tensor, sigma: Tensor | float, cond: TextConditioning) -> Tensor:
-        """fp32 velocity at per-sample σ (B,) (or one σ for all); timestep ``int(1000σ)``, guidance 6018."""
+    def forward_inputs(self, latents: Tensor, sigma: Tensor | float, cond: TextConditioning) -> dict[str, Tensor]:
+        """The transformer's keyword arguments for ``velocity`` (batch-first tensors on the model's device)."""
         self._check_inputs(latents, cond)
         batch, device, dtype = latents.shape[0], self.device, self.dtype
         # a python float stays fp64 so that int(1000σ) truncates as upstream's python arithmetic does (0.7 → 700)
         sigma_t = sigma if isinstance(sigma, Tensor) else torch.tensor(float(sigma), dtype=torch.float64)
         if sigma_t.ndim == 0:
             sigma_t = sigma_t.expand(batch)
-        timestep = network_timestep(sigma_t).to(device)
-        guidance = None
+        inputs = {
+            "hidden_states": latents.to(device, dtype),
+            "timestep": network_timestep(sigma_t).to(device),
+            "encoder_hidden_states": cond.prompt_embeds.to(device, dtype),
+            "encoder_attention_mask": cond.attention_mask.to(device),
+            "pooled_projections": cond.pooled.to(device, dtype),
+        }
         if self.config.guidance_embeds:
-            guidance = torch.full((batch,), self.embedded_guidance, device=device, dtype=torch.float32)
-        use_autocast = self.autocast_dtype is not None and device.type == "cuda"
-        with torch.autocast(device_type=device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=use_autocast):
-            out = self.transformer(
-                hidden_states=latents.to(device, dtype),
-                timestep=timestep,
-                encoder_hidden_states=cond.prompt_embeds.to(device, dtype),
-                encoder_attention_mask=cond.attention_mask.to(device),
-                pooled_projections=cond.pooled.to(device, dtype),
-                guidance=guidance,
-                return_dict=False,
-            )[0]
+            inputs["guidance"] = torch.full((batch,), self.embedded_guidance, device=device, dtype=torch.float32)
+        return inputs
+
+    def autocast(self) -> Any:
+        """The autocast context of a forward (``autocast_dtype`` on GPU, none on CPU)."""
+        device = self.device
+        enabled = self.autocast_dtype is not None and device.type == "cuda"
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+    def velocity(self, latents: Tensor, sigma: Tensor | float, cond: TextConditioning) -> Tensor:
+        """fp32 velocity at per-sample σ (B,) (or one σ for all); timestep ``int(1000σ)``, guidance 6018."""
+        inputs = self.forward_inputs(latents, sigma, cond)
+        with self.autocast():
+            out = self.transformer(**inputs, return_dict=False)[0]
         return out.float()
 
     # ----------------------------------------------------------------------------------------- training
@@ -285,12 +294,27 @@ def _peft_param_name(saved_key: str) -> str:
     return f"{head}.default.{leaf}"
 
 
-def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> None:
-    """Freeze the transformer and wrap its attention projections in trainable LoRA adapters (B = 0 at start)."""
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions (``model.tf32``); both flags, since cuDNN's default is on."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS,
+             seed: int = 0) -> None:
+    """Freeze the transformer and wrap its attention projections in trainable LoRA adapters (B = 0 at start).
+
+    peft draws the A matrices from torch's global generator; they are drawn here under ``seed`` (the global state
+    is restored after), so two runs with one seed start from the same adapters and the rollout workers' adapters
+    equal the learner's before any broadcast."""
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=list(targets)))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                                           target_modules=list(targets)))
     for name, param in transformer.named_parameters():
         param.requires_grad_("lora_" in name)
 

@@ -288,6 +288,18 @@ class SoliRewardORM:
         return atomic_write_dir(Path(path), fill)
 
     @classmethod
+    def from_run_config(cls, cfg: Any, device: torch.device | str = "cpu") -> "SoliRewardORM":
+        """The ``registry.ORMS`` factory for ``rewards.orm.backend: solireward``: the checkpoint folder at
+        ``rewards.orm.path``, bf16 on GPU when ``rewards.orm.dtype`` says so (bf16 matmuls crawl on CPU)."""
+        orm = cfg.rewards.orm
+        if not orm.path:
+            raise ValueError("rewards.orm.path is empty: give the SoliReward checkpoint folder")
+        device = torch.device(device)
+        dtype = torch.bfloat16 if (orm.dtype == "bf16" and device.type == "cuda") else torch.float32
+        return cls.from_pretrained(orm.path, device=device, dtype=dtype, prompt_variant=orm.prompt_variant,
+                                   num_frames=orm.num_frames, image_size=orm.image_size)
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str | Path,

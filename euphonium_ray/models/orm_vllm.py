@@ -287,6 +287,11 @@ class VLLMJudgeORM:
             self.server.stop()
 
     @classmethod
+    def from_run_config(cls, cfg: Any, device: Any = "cpu") -> "VLLMJudgeORM":
+        """The ``registry.ORMS`` factory for ``rewards.orm.backend: vllm`` (the judge runs in its own server)."""
+        return cls.from_config(cfg.rewards.orm)
+
+    @classmethod
     def from_config(cls, cfg: ORMConfig, *, max_model_len: int | None = None) -> "VLLMJudgeORM":
         """``rewards.orm`` with backend ``vllm``: ``path`` is a server URL or a model folder to serve."""
         server = None

@@ -276,6 +276,16 @@ class LatentPRM(nn.Module):
         prm.load_state_dict(state)
         return prm.to(device=device, dtype=dtype).eval()
 
+    @classmethod
+    def from_run_config(cls, cfg: Any, device: torch.device | str = "cpu", **_: Any) -> "LatentPRM":
+        """The ``registry.PRMS`` factory for ``rewards.prm.kind: latent``: ``rewards.prm.path`` in
+        ``rewards.prm.dtype`` (bf16 only on GPU), frozen."""
+        device = torch.device(device)
+        p = cfg.rewards.prm
+        dtype = torch.bfloat16 if (p.dtype == "bf16" and device.type == "cuda") else torch.float32
+        prm = cls.from_pretrained(p.path, device=device, dtype=dtype, use_sigmoid=p.use_sigmoid)
+        return prm.requires_grad_(False)
+
 
 def _read_config(cfg_path: Path) -> dict[str, Any]:
     try:

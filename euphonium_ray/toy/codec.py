@@ -59,6 +59,11 @@ class PixelUnshuffleCodec:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{CLASS_NAME} config is invalid: {exc}") from None
 
+    @classmethod
+    def from_folder(cls, config: dict[str, Any], folder: str | Path, **_: Any) -> "PixelUnshuffleCodec":
+        """The ``registry.CODECS`` factory (the transform has no weights: dtype and device do not apply)."""
+        return cls.from_config(config)
+
     def to_config(self) -> dict[str, Any]:
         return {
             "_class_name": CLASS_NAME,

@@ -63,6 +63,46 @@ class ORMTerms:
         return {name: getattr(self, name) for name in TERM_NAMES} | {"score": self.score}
 
 
+def check_videos(videos: Tensor, captions: list[str]) -> None:
+    """The shapes of what a toy reward scores: videos (B, 3, F≥2, H, W) with finite pixels and B captions."""
+    if videos.ndim != 5 or videos.shape[1] != 3:
+        raise ValueError(f"toy reward expects videos (B, 3, F, H, W), got {tuple(videos.shape)}")
+    if len(captions) != videos.shape[0]:
+        raise ValueError(f"toy reward got {videos.shape[0]} videos but {len(captions)} captions")
+    if videos.shape[2] < 2:
+        raise ValueError("toy reward needs at least 2 frames to judge motion")
+    if not torch.isfinite(videos).all():
+        raise ValueError("toy reward got non-finite pixel values (NaN or inf) in the videos")
+
+
+def dead_zone(alpha: Tensor, delta: float) -> Tensor:
+    """``k(α) = clamp((α − δ)/(1 − 2δ), 0, 1)``: faint noise is background, near-full pixels are full."""
+    return ((alpha - delta) / (1 - 2 * delta)).clamp(0.0, 1.0)
+
+
+@dataclass
+class FrameGeometry:
+    """Per-pixel coverage (B, F, H, W), covered area per frame (B, F) and centroid per frame (B, F, 2) as (x, y)."""
+
+    coverage: Tensor
+    area: Tensor
+    centers: Tensor
+
+
+def frame_geometry(videos: Tensor, delta: float = 0.1) -> FrameGeometry:
+    """Where the shape is in every frame: coverage ``a = k((max_ch x + 1)/2)`` (every colour has a channel at +1 on
+    the black background), its area and its area-weighted centroid in pixels. Differentiable in the pixels."""
+    x = videos.float().clamp(-1.0, 1.0)
+    h, w = x.shape[-2:]
+    a = dead_zone((x.amax(dim=1) + 1.0) / 2.0, delta)
+    area = a.sum((2, 3))
+    ys = torch.arange(h, device=x.device, dtype=x.dtype) + 0.5
+    xs = torch.arange(w, device=x.device, dtype=x.dtype) + 0.5
+    cx = (a.sum(2) * xs).sum(-1) / (area + 1e-6)
+    cy = (a.sum(3) * ys).sum(-1) / (area + 1e-6)
+    return FrameGeometry(a, area, torch.stack([cx, cy], dim=-1))
+
+
 class ToyPixelORM:
     """OutcomeRewardModel for the shapes world: ``score(videos (B,3,F,H,W) in [-1,1], captions) -> (B,)``."""
 
@@ -86,29 +126,23 @@ class ToyPixelORM:
             raise ValueError(f"ToyPixelORM: dead_zone must be in [0, 0.5), got {dead_zone}")
         self.dead_zone = float(dead_zone)
 
-    def _dead_zone(self, alpha: Tensor) -> Tensor:
-        d = self.dead_zone
-        return ((alpha - d) / (1 - 2 * d)).clamp(0.0, 1.0)
-
     @classmethod
     def from_config(cls, cfg: ToyConfig) -> "ToyPixelORM":
         return cls(min_speed=cfg.speed[0] * cfg.size, shapes=cfg.shapes, colors=cfg.colors, directions=cfg.directions)
 
     def score(self, videos: Tensor, captions: list[str]) -> Tensor:
+        with torch.no_grad():
+            return self.score_terms(videos, captions).score
+
+    def differentiable_score(self, videos: Tensor, captions: list[str]) -> Tensor:
+        """The same score with autograd through the pixels (zero gradient where a clamp saturates), for the oracle
+        process reward of the toy world (``toy/oracle.py``)."""
         return self.score_terms(videos, captions).score
 
-    @torch.no_grad()
     def score_terms(self, videos: Tensor, captions: list[str]) -> ORMTerms:
-        if videos.ndim != 5 or videos.shape[1] != 3:
-            raise ValueError(f"ToyPixelORM expects videos (B, 3, F, H, W), got {tuple(videos.shape)}")
-        if len(captions) != videos.shape[0]:
-            raise ValueError(f"ToyPixelORM got {videos.shape[0]} videos but {len(captions)} captions")
-        if videos.shape[2] < 2:
-            raise ValueError("ToyPixelORM needs at least 2 frames to judge motion")
-        if not torch.isfinite(videos).all():
-            raise ValueError("ToyPixelORM got non-finite pixel values (NaN or inf) in the videos")
+        check_videos(videos, captions)
         attrs = [parse_caption(c, self.shapes, self.colors, self.directions) for c in captions]
-        x = videos.detach().float().clamp(-1.0, 1.0)
+        x = videos.float().clamp(-1.0, 1.0)
         dev = x.device
         b, _, f, h, w = x.shape
         eps = 1e-6
@@ -118,22 +152,16 @@ class ToyPixelORM:
         rel = x - bg
         t = (rel * col).sum(1) / (col * col).sum(1)
         resid = ((rel - t[:, None] * col) ** 2).sum(1)
-        m = self._dead_zone(t) * torch.exp(-resid / (2 * self.color_tau**2))  # (B, F, H, W)
-        a = self._dead_zone((x.amax(dim=1) + 1.0) / 2.0)  # (B, F, H, W)
+        m = dead_zone(t, self.dead_zone) * torch.exp(-resid / (2 * self.color_tau**2))  # (B, F, H, W)
+        geo = frame_geometry(x, self.dead_zone)
+        a, area, centers = geo.coverage, geo.area, geo.centers
         color = m.sum((1, 2, 3)) / (a.sum((1, 2, 3)) + eps)
-
-        area = a.sum((2, 3))  # (B, F)
-        ys = torch.arange(h, device=dev, dtype=x.dtype) + 0.5
-        xs = torch.arange(w, device=dev, dtype=x.dtype) + 0.5
-        cx = (a.sum(2) * xs).sum(-1) / (area + eps)
-        cy = (a.sum(3) * ys).sum(-1) / (area + eps)
-        centers = torch.stack([cx, cy], dim=-1)  # (B, F, 2)
 
         radius = torch.sqrt(area / math.pi).clamp(0.5, max(h, w) / 2)
         shape_index = torch.tensor([SHAPES.index(a_.shape) for a_ in attrs], device=dev)
-        template = self._dead_zone(coverage(
+        template = dead_zone(coverage(
             signed_distance(shape_index.repeat_interleave(f), centers.reshape(b * f, 1, 2), radius.reshape(-1), h)
-        )).reshape(b, f, h, w)
+        ), self.dead_zone).reshape(b, f, h, w)
         if w != h:
             raise ValueError(f"ToyPixelORM expects square frames, got {h}x{w}")
         iou = torch.minimum(a, template).sum((2, 3)) / (torch.maximum(a, template).sum((2, 3)) + eps)
