@@ -17,25 +17,25 @@ log "stage 0: world"
 $PY -m euphonium_ray.cli toy build "$W/toy-model" >"$W/build.log" 2>&1 || { log "toy build failed"; tail -20 "$W/build.log" | tee -a "$OUT/pilot.log"; }
 EMB="$W/toy-model/embeddings/videos2caption.json"
 
-log "stage 1: numerics (first-update ratio, TF32 off/on)"
-timeout 120 $PY bench/gpu_numerics.py --device cuda --out "$W/numerics.json" --work "$W/numerics-world" \
-  >"$W/numerics.log" 2>&1; log "numerics rc=$?"; grep -E "tf32=" "$W/numerics.log" | tee -a "$OUT/pilot.log"
-
-log "stage 2: one latent PRM per task (in parallel)"
+log "stage 1+2: numerics (first-update ratio, TF32 off/on) and one latent PRM per task, in parallel"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/pilot.log"
+timeout ${NUM_TIMEOUT:-150} $PY bench/gpu_numerics.py --device ${DEVICE:-cuda} --out "$W/numerics.json" \
+  --work "$W/numerics-world" >"$W/numerics.log" 2>&1 &
 for task in caption centered motion; do
-  timeout 240 $PY -m euphonium_ray.cli train-prm --model "$W/toy-model" --prompts "$EMB" --orm "toy-$task" \
-    --out "$W/prm-$task" --rollouts 2048 --group-size 8 --dual-blocks 2 --single-blocks 2 --epochs 20 \
-    --device cuda --config bench/configs/base.yaml --set sampler.same_initial_noise=false \
+  timeout ${PRM_TIMEOUT:-180} $PY -m euphonium_ray.cli train-prm --model "$W/toy-model" --prompts "$EMB" \
+    --orm "toy-$task" --out "$W/prm-$task" --rollouts ${PRM_ROLLOUTS:-2048} --group-size 8 --dual-blocks 2 --single-blocks 2 \
+    --epochs ${PRM_EPOCHS:-20} --device ${DEVICE:-cuda} --config configs/toy.yaml --set sampler.same_initial_noise=false \
     >"$W/prm-$task.log" 2>&1 &
 done
 wait
+grep -E "tf32=" "$W/numerics.log" | tee -a "$OUT/pilot.log"
 for task in caption centered motion; do log "prm $task: $(tail -1 "$W/prm-$task.log")"; done
 
 log "stage 3: baseline grid (dance-grpo; same_initial_noise x lr), $STEPS steps, seeds $SEEDS"
 for noise in true false; do
   for lr in 1.0e-4 3.0e-4; do
-    timeout ${GRID_TIMEOUT:-330} $PY -m euphonium_ray.cli bench convergence --methods dance-grpo \
-      --seed-list $SEEDS --seeds-per-unit 4 --device cuda --workers 3 --max-minutes ${GRID_MINUTES:-5} \
+    timeout ${GRID_TIMEOUT:-300} $PY -m euphonium_ray.cli bench convergence --methods dance-grpo \
+      --seed-list $SEEDS --seeds-per-unit 4 --device ${DEVICE:-cuda} --workers 3 --max-minutes ${GRID_MINUTES:-4.2} \
       --set steps=$STEPS --set sampler.same_initial_noise=$noise --set optim.lr=$lr \
       --out "$W/grid-noise_$noise-lr_$lr" >"$W/grid-noise_$noise-lr_$lr.log" 2>&1 &
   done

@@ -16,6 +16,7 @@ their trainable tensors start from their own policies (LoRA adapters drawn from 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -76,7 +77,9 @@ class PolicyEnsemble:
             kwargs = dict(zip(names, args))
             return functional_call(self.transformer, {**params, **shared}, (), {**kwargs, "return_dict": False})[0]
 
-        with self.base.autocast():
+        with self.base.autocast(), warnings.catch_warnings():
+            # attention has no vmap batching rule: PyTorch loops over the members for it and says so on every call
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             out = vmap(one_member)(self.stacked, *split)
         return out.reshape(total, *out.shape[2:]).float()
 
