@@ -386,6 +386,7 @@ SCRIPT_AS_KEYS = {
     "data.shuffle_seed": 1237, "model.embedded_guidance": 6018.0,
     "rgg.enabled": True, "rgg.scale": 0.01, "rgg.scale_mode": "fixed", "rgg.kl_beta": 3.125,
     "rgg.delta_t_scaling": True, "rgg.normalize": False, "rgg.start": 12, "rgg.end": None, "rgg.interval": 1,
+    "rgg.guided_fraction": 1.0, "advantage.process_credit": "input",
     "spsa.enabled": False, "spsa.sigma": 0.01, "spsa.scale": 0.01, "spsa.kl_beta": 0.3125,
     "spsa.delta_t_scaling": True, "spsa.normalize": False, "spsa.num_samples": 1, "spsa.start": 12,
     "spsa.end": None, "spsa.interval": 1,
