@@ -61,6 +61,7 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
         gradient_checkpointing=cfg.model.gradient_checkpointing and role == "learner",
         autocast_dtype=low if (on_gpu and low != "fp32") else None,
         with_codec=False,
+        timestep_arithmetic=cfg.sampler.timestep_arithmetic,
     )
     if role != "learner":
         policy.transformer.requires_grad_(False)

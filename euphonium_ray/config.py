@@ -79,6 +79,7 @@ class SamplerConfig(Section):
     flow_a: float = Field(default=0.7, ge=0)
     group_size: int = Field(default=8, ge=1)
     same_initial_noise: bool = True
+    timestep_arithmetic: Literal["fp64", "fp32"] = "fp64"  # fp32: upstream's σ schedule and int(1000σ) (sde.py)
 
 
 class GuidanceWindow(Section):
@@ -193,6 +194,7 @@ class AdvantageConfig(Section):
     process_weight: float = 1.0
     latent_outcome_weight: float = 0.0
     clamp: float = Field(default=5.0, gt=0)
+    pixel_outcome_weight: float = 0.0  # a separate term on the pixel ORM's own advantage (upstream's "trl")
 
 
 class OptimConfig(Section):
@@ -219,6 +221,7 @@ class OptimConfig(Section):
     logprob_mean: Literal["unguided", "guided"] = "unguided"
     logprob_mean_training: Literal["unguided", "guided"] = "unguided"
     kl_coef: float = Field(default=0.0, ge=0)
+    kl_form: Literal["gaussian", "upstream"] = "gaussian"  # upstream: mean(Δv²)·Δt/(2η²σ²) (grpo.py)
     distill_coef: float = Field(default=0.0, ge=0)
 
 
@@ -371,7 +374,8 @@ class RunConfig(Section):
 
 # --------------------------------------------------------------------------------- upstream environment
 # Upstream Euphonium is configured by shell variables; a user moving over keeps them working.
-# name -> (dotted key, kind).  Kinds: bool, float, int, str, or a special converter name.
+# name -> (dotted key, kind).  Kinds: bool, float, int, str, or a special converter name; "joint": read together
+# with other variables by euphonium_ray/upstream_env.py, because upstream's code combines them.
 UPSTREAM_ENV: dict[str, tuple[str, str]] = {
     "TRL_CORE_ENABLED": ("rewards.orm.enabled", "bool"),
     "TRL_MODEL_PATH": ("rewards.orm.path", "str"),
@@ -382,8 +386,8 @@ UPSTREAM_ENV: dict[str, tuple[str, str]] = {
     "LATENT_REWARD_IN_TRL_REWARD_COEF": ("rewards.latent_outcome_coef_in_score", "float"),
     "LATENT_REWARD_IN_TRL_REWARD_CHECKPOINT_DIR": ("rewards.prm.path", "str"),
     "LATENT_REWARD_USE_SIGMOID": ("rewards.prm.use_sigmoid", "bool"),
-    "PROCESS_LATENT_REWARD_ENABLED": ("rgg.enabled", "bool"),
-    "PROCESS_LATENT_REWARD_SAMPLING_ENABLED": ("rgg.enabled", "bool"),
+    "PROCESS_LATENT_REWARD_ENABLED": ("rgg.enabled", "joint"),
+    "PROCESS_LATENT_REWARD_SAMPLING_ENABLED": ("rgg.enabled", "joint"),
     "PROCESS_LATENT_REWARD_GUIDANCE_SCALE": ("rgg", "scale_or_kl"),
     "PROCESS_LATENT_REWARD_KL_BETA": ("rgg.kl_beta", "float"),
     "PROCESS_LATENT_REWARD_NORMALIZE_GRADIENT": ("rgg.normalize", "bool"),
@@ -392,10 +396,10 @@ UPSTREAM_ENV: dict[str, tuple[str, str]] = {
     "PROCESS_LATENT_REWARD_INTERVAL": ("rgg.interval", "int"),
     "USE_DELTA_T_FOR_GRADIENT_SCALING": ("rgg.delta_t_scaling", "bool"),
     "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB": ("optim.logprob_mean", "guided_flag"),
-    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB_TRAINING": ("optim.logprob_mean_training", "guided_flag"),
+    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB_TRAINING": ("optim.logprob_mean_training", "joint"),
     "PROCESS_REWARD_ADVANTAGE_MODE": ("advantage.mode", "adv_mode"),
-    "PROCESS_REWARD_ADVANTAGE_COEF": ("advantage.process_weight", "float"),
-    "OUTCOME_REWARD_ADVANTAGE_COEF": ("advantage.outcome_weight", "float"),
+    "PROCESS_REWARD_ADVANTAGE_COEF": ("advantage.process_weight", "joint"),
+    "OUTCOME_REWARD_ADVANTAGE_COEF": ("advantage.outcome_weight", "joint"),
     "USE_KL_LOSS": ("optim.kl_coef", "kl_switch"),
     "KL_COEF": ("optim.kl_coef", "kl_coef"),
     "SPSA_REWARD_ENABLED": ("spsa.enabled", "bool"),
@@ -407,6 +411,9 @@ UPSTREAM_ENV: dict[str, tuple[str, str]] = {
     "SPSA_REWARD_END_STEP": ("spsa.end", "end"),
     "SPSA_REWARD_INTERVAL": ("spsa.interval", "int"),
     "SPSA_REWARD_KL_BETA": ("spsa.kl_beta", "float"),
+    "PROCESS_LATENT_REWARD_TRAINING_ENABLED": ("optim.logprob_mean_training", "joint"),
+    "TRL_DTYPE": ("rewards.orm.dtype", "str"),
+    "LATENT_REWARD_IN_TRL_REWARD_DTYPE": ("rewards.prm.dtype", "str"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -466,6 +473,9 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if kl_enabled is not None:  # USE_KL_LOSS gates KL_COEF (upstream default coefficient 3.125)
         out["optim.kl_coef"] = out.pop("__kl_coef", 3.125) if kl_enabled else 0.0
     out.pop("__kl_coef", None)
+    from euphonium_ray.upstream_env import joint_overrides  # it reads this module's parsers
+
+    out.update(joint_overrides(environ))
     return out
 
 
@@ -577,7 +587,6 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def env_table_markdown() -> str:
     """The documented mapping of upstream variables (rendered into docs/config.md)."""
-    rows = ["| upstream variable | config key | how it is read |", "|---|---|---|"]
-    for name, (key, kind) in UPSTREAM_ENV.items():
-        rows.append(f"| `{name}` | `{key}` | {kind} |")
-    return "\n".join(rows)
+    from euphonium_ray.upstream_env import variable_table_markdown
+
+    return variable_table_markdown()

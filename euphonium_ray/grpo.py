@@ -31,6 +31,7 @@ __all__ = [
     "parse_advantage_mode",
     "process_advantages",
     "select_timesteps",
+    "upstream_velocity_kl",
 ]
 
 AdvantageMode = Literal["both", "none", "only"]
@@ -113,11 +114,14 @@ def parse_advantage_mode(value: str) -> AdvantageMode:
 @dataclass(frozen=True)
 class AdvantageWeights:
     """Weights of the advantage components. Upstream's effective values are outcome=2, process=1,
-    latent_outcome=1 (a defaulting quirk, see the upstream digest section 4.4)."""
+    latent_outcome=1 (a defaulting quirk, see the upstream digest section 4.4). ``pixel_outcome`` weighs a
+    separate term on the pixel ORM's own advantage (upstream's ``trl`` reward, distinct from the combined
+    ``score`` once the latent outcome is mixed into the score); 0 leaves it out."""
 
     outcome: float = 1.0
     process: float = 1.0
     latent_outcome: float = 0.0
+    pixel_outcome: float = 0.0
 
 
 def advantage_terms(
@@ -130,6 +134,7 @@ def advantage_terms(
     weights: AdvantageWeights = AdvantageWeights(),
     clamp: float = 5.0,
     num_transitions: int | None = None,
+    a_pixel_outcome: Tensor | None = None,
 ) -> list[tuple[float, Tensor]]:
     """The (weight, advantage per transition (B, K)) terms of the policy loss.
 
@@ -138,12 +143,13 @@ def advantage_terms(
     each with its weight (upstream sums separately clipped losses). Mode ``none`` keeps outcome (+latent
     outcome), ``only`` keeps process (falling back to outcome with a warning when there is none), ``both``
     keeps all. Zero-weight components are left out. Per-sample components are broadcast over K, taken from
-    ``a_process``, else ``num_transitions``, else 1.
+    ``a_process``, else ``num_transitions``, else 1. ``a_pixel_outcome`` (weight ``weights.pixel_outcome``)
+    is an outcome component like ``a_outcome``, placed after it (upstream's order: score, trl, latent).
     """
     mode = parse_advantage_mode(mode)
     if combine not in ("paper", "upstream"):
         raise ValueError(f"combine must be 'paper' or 'upstream', got {combine!r}")
-    dtype = compute_dtype(a_outcome, a_process, a_latent_outcome)
+    dtype = compute_dtype(a_outcome, a_process, a_latent_outcome, a_pixel_outcome)
     batch = a_outcome.shape[0]
     k = a_process.shape[1] if a_process is not None else (num_transitions or 1)
 
@@ -157,6 +163,8 @@ def advantage_terms(
     parts: list[tuple[float, Tensor]] = []
     if mode in ("none", "both"):
         parts.append((weights.outcome, per_transition(a_outcome)))
+        if a_pixel_outcome is not None:
+            parts.append((weights.pixel_outcome, per_transition(a_pixel_outcome)))
         if a_latent_outcome is not None:
             parts.append((weights.latent_outcome, per_transition(a_latent_outcome)))
     if mode in ("only", "both") and a_process is not None:
@@ -288,6 +296,26 @@ def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: ScalarLike, reduction: Redu
 def kl_to_reference(mean_new: Tensor, mean_ref: Tensor, std: ScalarLike, reduction: Reduction = "mean") -> Tensor:
     """KL of the trained unguided kernel to a frozen reference kernel at the same state (B,)."""
     return gaussian_kl(mean_new, mean_ref.detach(), std, reduction)
+
+
+def upstream_velocity_kl(
+    v_new: Tensor, v_ref: Tensor, sigma: ScalarLike, dt: ScalarLike, diffusion: ScalarLike,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Upstream's KL penalty ``mean((v_new − v_ref)²)·Δt/(2·g²·σ²)`` per sample (B,) (g = η for ``dance``).
+
+    Not the KL of the two transition kernels (that is :func:`kl_to_reference` on their means, which here equals
+    this times ``σ²·(1 + g²(1−σ)/(2σ))²``); kept for parity with upstream's ``KL_COEF``. As upstream, σ², g²
+    and Δt are floored at 1e-8. ``v_ref`` is detached.
+    """
+    dtype = compute_dtype(v_new, v_ref, sigma, dt, diffusion)
+    diff = v_new.to(dtype) - v_ref.detach().to(dtype)
+    floor = torch.tensor(1e-8, dtype=dtype, device=diff.device)
+    s2 = torch.maximum(expand_per_sample(sigma, diff, dtype) ** 2, floor)
+    g2 = torch.maximum(expand_per_sample(diffusion, diff, dtype) ** 2, floor)
+    step = torch.maximum(expand_per_sample(dt, diff, dtype), floor)
+    per_element = diff**2 * step / (2 * g2 * s2)
+    return _reduce(per_element.expand(torch.broadcast_shapes(per_element.shape, diff.shape)), reduction)
 
 
 def distillation_loss_per_sample(

@@ -25,9 +25,10 @@ from euphonium_ray.grpo import (
     kl_to_reference,
     process_advantages,
     select_timesteps,
+    upstream_velocity_kl,
 )
 from euphonium_ray.models.base import Policy
-from euphonium_ray.sde import flow_sigma_1, step_std, transition_log_prob, unguided_mean
+from euphonium_ray.sde import diffusion_coefficient, flow_sigma_1, step_std, transition_log_prob, unguided_mean
 from euphonium_ray.sharding import to_float
 from euphonium_ray.trajectory import Trajectories
 
@@ -78,6 +79,8 @@ def compute_advantages(
     enters when ``rewards.latent_outcome`` is on. Combination, weights and clamp follow ``cfg.advantage``.
     """
     b, g = traj.batch_size, traj.group_size
+    if not cfg.rewards.orm.enabled:  # upstream TRL_CORE_ENABLED=false: the pixel ORM takes no part
+        orm_rewards = None
     skipped: dict[int, str] = {}
     for name, values, mask in (
         ("ORM", orm_rewards, None),
@@ -110,10 +113,11 @@ def compute_advantages(
     if bool(evaluated.any()):
         a_process = process_advantages(rows(credit_rewards), evaluated, g)
     a_latent = group_normalize(latent, g) if (latent is not None and cfg.rewards.latent_outcome) else None
+    a_pixel = group_normalize(orm, g) if (orm is not None and cfg.advantage.pixel_outcome_weight != 0) else None
     weights = AdvantageWeights(cfg.advantage.outcome_weight, cfg.advantage.process_weight,
-                               cfg.advantage.latent_outcome_weight)
+                               cfg.advantage.latent_outcome_weight, cfg.advantage.pixel_outcome_weight)
     terms = advantage_terms(a_outcome, a_process, a_latent, mode=cfg.advantage.mode, combine=cfg.advantage.combine,
-                            weights=weights, clamp=cfg.advantage.clamp, num_transitions=n)
+                            weights=weights, clamp=cfg.advantage.clamp, num_transitions=n, a_pixel_outcome=a_pixel)
     return Advantages(terms, kept_rows, skipped, score)
 
 
@@ -327,8 +331,13 @@ def _transition_losses(
     if o.kl_coef > 0 and reference_policy is not None:
         with torch.no_grad():
             v_ref = reference_policy.velocity(x, s, cond)
-        mean_ref = unguided_mean(x, v_ref, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
-        kl = kl_to_reference(mean, mean_ref, std, reduction=o.logprob_reduction).reshape(r, t)
+        if o.kl_form == "upstream":
+            g = diffusion_coefficient(s, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
+            kl = upstream_velocity_kl(v, v_ref, s, s - s_next, g, reduction=o.logprob_reduction).reshape(r, t)
+        else:
+            mean_ref = unguided_mean(x, v_ref, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a,
+                                     sigma_1=sigma_1)
+            kl = kl_to_reference(mean, mean_ref, std, reduction=o.logprob_reduction).reshape(r, t)
     distill = torch.zeros(r, t, device=x.device)
     distill_on = on_guided_step
     if traj.guided_rows is not None:

@@ -279,7 +279,7 @@ def sample_trajectories(
     device = cond.prompt_embeds.device
     shape = tuple(int(s) for s in latent_shape)
     n = sampler.num_steps
-    sigmas = sigma_schedule(n, sampler.shift)
+    sigmas = sigma_schedule(n, sampler.shift, sampler.timestep_arithmetic)
     sigma_1 = flow_sigma_1(sigmas)
     noise = _NoiseSource(generator, b)
     rgg_scale = rgg.effective_scale(sampler.eta)

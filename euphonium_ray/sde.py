@@ -24,6 +24,7 @@ __all__ = [
     "NoiseType",
     "ScalarLike",
     "SDEStepOutput",
+    "TimestepArithmetic",
     "compute_dtype",
     "diffusion_coefficient",
     "expand_per_sample",
@@ -44,7 +45,11 @@ __all__ = [
 
 NoiseType = Literal["dance", "flow", "ode"]
 ScalarLike = Union[float, int, Tensor]
+# "fp64": schedule in fp64 rounded once, timestep trunc(1000σ) of that exact value (our default);
+# "fp32": upstream's arithmetic, schedule and product 1000σ both rounded in fp32 (sigma_schedule, network_timestep)
+TimestepArithmetic = Literal["fp64", "fp32"]
 _NOISE_TYPES = ("dance", "flow", "ode")
+_ARITHMETICS = ("fp64", "fp32")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -84,15 +89,26 @@ def _check_noise_type(noise_type: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-def sigma_schedule(num_steps: int, shift: float) -> Tensor:
+def _check_arithmetic(arithmetic: str) -> None:
+    if arithmetic not in _ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {_ARITHMETICS}, got {arithmetic!r}")
+
+
+def sigma_schedule(num_steps: int, shift: float, arithmetic: TimestepArithmetic = "fp64") -> Tensor:
     """SD3 time-shifted schedule ``σ_i = s·τ/(1+(s−1)·τ)``, ``τ = linspace(1, 0, N+1)``; float32 (N+1,).
 
-    Computed in fp64 and rounded once, so σ_0 = 1 and σ_N = 0 exactly.
+    ``fp64`` (default): computed in fp64 and rounded once, so each σ is the fp32 nearest the formula's value.
+    ``fp32``: upstream's arithmetic (an fp32 ``linspace`` on the CPU, then the formula in fp32); a few values
+    differ from ``fp64`` by one ulp, which can move ``int(1000σ)`` by one. σ_0 = 1 and σ_N = 0 either way.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
+    _check_arithmetic(arithmetic)
+    if arithmetic == "fp32":
+        tau = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
+        return (shift * tau) / (1 + (shift - 1) * tau)
     tau = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     return (shift * tau / (1.0 + (shift - 1.0) * tau)).to(torch.float32)
 
@@ -104,15 +120,19 @@ def flow_sigma_1(schedule: Tensor) -> float:
     return float(schedule[1])
 
 
-def network_timestep(sigma: ScalarLike) -> Tensor:
+def network_timestep(sigma: ScalarLike, arithmetic: TimestepArithmetic = "fp64") -> Tensor:
     """The integer timestep the network sees: ``int(1000·σ)``, truncated (0.5357… → 535), as a long tensor.
 
-    The product is taken in fp64 so that it matches python's ``int(float(σ)*1000)`` on fp32 schedules.
+    ``fp64`` (default): the product is exact (taken in fp64), matching python's ``int(float(σ)*1000)`` on fp32
+    schedules. ``fp32``: upstream's ``int(sigma * 1000)`` on an fp32 tensor, where the product is first rounded
+    to fp32 (0.7f·1000 → 700.0 → 700, where the exact product 699.99998… gives 699).
     """
+    _check_arithmetic(arithmetic)
+    dtype = torch.float64 if arithmetic == "fp64" else torch.float32
     if isinstance(sigma, Tensor):
-        s = sigma.detach().to(torch.float64)
+        s = sigma.detach().to(dtype)
     else:
-        s = torch.tensor(float(sigma), dtype=torch.float64)
+        s = torch.tensor(float(sigma), dtype=dtype)
     return torch.trunc(s * 1000.0).to(torch.long)
 
 
@@ -191,9 +211,15 @@ def step_std(
     eta: float = 0.25,
     flow_a: float = 0.7,
     sigma_1: float | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Std of the transition noise, ``g·√Δt``, with the shape of ``sigma`` (0 for ``ode``)."""
-    dtype = compute_dtype(sigma, sigma_next)
+    """Std of the transition noise, ``g·√Δt``, with the shape of ``sigma`` (0 for ``ode``).
+
+    Computed in the maths dtype of ``sigma``/``sigma_next``, promoted with ``dtype`` when given (pass the
+    latents' dtype so that fp64 latents with a float σ get an fp64 std).
+    """
+    dtype = compute_dtype(sigma, sigma_next) if dtype is None else torch.promote_types(
+        compute_dtype(sigma, sigma_next), dtype)
     s = _as_tensor(sigma, dtype)
     dt = s - _as_tensor(sigma_next, dtype, s.device)
     g = diffusion_coefficient(s, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1)
@@ -338,7 +364,8 @@ def sde_step(
         raise ValueError(f"logprob_mean must be 'unguided' or 'guided', got {logprob_mean!r}")
     mu = unguided_mean(x, v, sigma, sigma_next, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1)
     mu_g = mu if guidance is None else mu + guidance.to(mu.dtype)
-    std = step_std(sigma, sigma_next, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1).to(mu.device)
+    std = step_std(sigma, sigma_next, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1, dtype=mu.dtype)
+    std = std.to(mu.device)
     if noise_type == "ode":
         return SDEStepOutput(mu_g, mu, mu_g, std, torch.zeros(x.shape[0], dtype=mu.dtype, device=mu.device))
     if noise is None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from euphonium_ray.checkpoint import CheckpointError, read_transformer_weights
 from euphonium_ray.models.base import LatentCodec, TextConditioning
 from euphonium_ray.models.codecs import load_codec
-from euphonium_ray.sde import network_timestep
+from euphonium_ray.sde import TimestepArithmetic, network_timestep
 
 EMBEDDED_GUIDANCE = 6018.0  # upstream feeds this constant to the guidance-distilled DiT (≈ 6.0 × 1000)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -66,11 +66,13 @@ class HunyuanVideoPolicy:
         *,
         embedded_guidance: float = EMBEDDED_GUIDANCE,
         autocast_dtype: torch.dtype | None = None,
+        timestep_arithmetic: TimestepArithmetic = "fp64",
     ) -> None:
         self.transformer = transformer
         self.codec = codec
         self.embedded_guidance = float(embedded_guidance)
         self.autocast_dtype = autocast_dtype
+        self.timestep_arithmetic = timestep_arithmetic  # "fp32": upstream's int(σ·1000) (sde.network_timestep)
 
     @property
     def is_lora(self) -> bool:
@@ -96,6 +98,7 @@ class HunyuanVideoPolicy:
         codec_dtype: torch.dtype | str = torch.float32,
         with_codec: bool = True,
         attention_backend: str | None = None,
+        timestep_arithmetic: TimestepArithmetic = "fp64",
     ) -> "HunyuanVideoPolicy":
         """Load ``path/transformer`` (and the codec from ``path/vae``), then ``checkpoint`` over it, then LoRA.
 
@@ -141,6 +144,7 @@ class HunyuanVideoPolicy:
             codec,
             embedded_guidance=embedded_guidance,
             autocast_dtype=None if autocast_dtype is None else resolve_dtype(autocast_dtype),
+            timestep_arithmetic=timestep_arithmetic,
         )
 
     # ------------------------------------------------------------------------------------------ forward
@@ -187,7 +191,7 @@ class HunyuanVideoPolicy:
             sigma_t = sigma_t.expand(batch)
         inputs = {
             "hidden_states": latents.to(device, dtype),
-            "timestep": network_timestep(sigma_t).to(device),
+            "timestep": network_timestep(sigma_t, self.timestep_arithmetic).to(device),
             "encoder_hidden_states": cond.prompt_embeds.to(device, dtype),
             "encoder_attention_mask": cond.attention_mask.to(device),
             "pooled_projections": cond.pooled.to(device, dtype),
