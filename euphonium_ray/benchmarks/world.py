@@ -155,7 +155,11 @@ class BenchWorld:
         shared by the runs that use it) or the oracle around ``policy``."""
         if cfg.rewards.prm.kind != "latent":
             return PRMS.build(cfg.rewards.prm.kind, cfg, self.device, policy=policy, codec=self.codec)
-        path = cfg.rewards.prm.path or str(self.paths.prm_dir)
+        # a random world has one random PRM for every task (a pipeline check); the toy world uses the task's own
+        path = str(self.paths.prm_dir) if self.paths.source == "random" else (cfg.rewards.prm.path or str(self.paths.prm_dir))
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"no trained PRM at {path} (rewards.prm.path of task reward {cfg.rewards.orm.backend!r}); "
+                              f"train one with `euphonium-ray train-prm --orm {cfg.rewards.orm.backend}`")
         if path not in self._latent_prms:
             self._latent_prms[path] = LatentPRM.from_pretrained(path, device=self.device,
                                                                 dtype=torch.float32).requires_grad_(False)

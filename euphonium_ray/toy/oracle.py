@@ -52,7 +52,7 @@ class OracleProcessReward:
         return list(cond.captions)
 
     def _reward_of_prediction(self, x: Tensor, sigma: Tensor | float, cond: TextConditioning) -> Tensor:
-        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sig = torch.as_tensor(sigma, device=x.device).to(x.dtype)
         sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig.reshape(-1)
         if bool((sig == 0).all()):
             x0 = x
@@ -60,16 +60,16 @@ class OracleProcessReward:
             v = self.policy.velocity(x, sig, cond)
             x0 = x - expand_per_sample(sig, x, x.dtype) * v.to(x.dtype)
         video = self.codec.decode(x0)
-        return self.reward.differentiable_score(video, self._captions(cond, x.shape[0])).float()
+        return self.reward.differentiable_score(video, self._captions(cond, x.shape[0]))
 
     def score(self, latents: Tensor, sigma: Tensor | float, cond: TextConditioning) -> Tensor:
         with torch.no_grad():
-            return self._reward_of_prediction(latents.float(), sigma, cond)
+            return self._reward_of_prediction(latents.to(torch.promote_types(latents.dtype, torch.float32)), sigma, cond)
 
     def score_and_grad(self, latents: Tensor, sigma: Tensor | float, cond: TextConditioning) -> tuple[Tensor, Tensor]:
         """Scores (B,) and ``∇_x r`` (B, C, T, h, w), the gradient running through the policy's denoiser."""
         with torch.enable_grad():
-            x = latents.detach().float().requires_grad_(True)
+            x = latents.detach().to(torch.promote_types(latents.dtype, torch.float32)).requires_grad_(True)
             r = self._reward_of_prediction(x, sigma, cond)
             (grad,) = torch.autograd.grad(r.sum(), x)
         return r.detach(), grad.detach()

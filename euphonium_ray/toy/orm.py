@@ -92,7 +92,7 @@ class FrameGeometry:
 def frame_geometry(videos: Tensor, delta: float = 0.1) -> FrameGeometry:
     """Where the shape is in every frame: coverage ``a = k((max_ch x + 1)/2)`` (every colour has a channel at +1 on
     the black background), its area and its area-weighted centroid in pixels. Differentiable in the pixels."""
-    x = videos.float().clamp(-1.0, 1.0)
+    x = videos.to(torch.promote_types(videos.dtype, torch.float32)).clamp(-1.0, 1.0)  # fp64 stays fp64 (tests)
     h, w = x.shape[-2:]
     a = dead_zone((x.amax(dim=1) + 1.0) / 2.0, delta)
     area = a.sum((2, 3))
