@@ -8,14 +8,13 @@ store, (with a GPU) run a one-worker TorchTrainer, shut down. Every stage is log
 
 On a timeout it logs what Ray holds (resources free vs total: an actor waiting for a GPU share nobody has shows
 here) and the tails of Ray's own logs (raylet, GCS, node agent, runtime-env agent, workers), then copies those logs
-into ``OUT/ray_session_logs.tar.gz``. A watchdog (faulthandler) dumps every thread's stack into the log and exits
-(status 1) if the whole run outlives ``--deadline-s``. The last line of the log is ``RESULT {json}``.
+into ``OUT/ray_session_logs.tar.gz``. A watchdog dumps every thread's stack into the log when nothing happened for
+``--wait-s`` + 30 s, and again and exits (status 1) if the whole run outlives ``--deadline-s``. The last line of the log is ``RESULT {json}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import io
 import json
 import os
@@ -25,44 +24,18 @@ import sys
 import tarfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from euphonium_ray.stage_log import StageLog  # noqa: E402  (standard library only)
 
 # Ray reads these when it starts its processes: set before importing it. Token auth is pointless on loopback
 # (and Ray 2.60 turns it on for a new local cluster when the variable is unset); usage stats would try the network.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-class StageLog:
-    """Timestamped lines, written and fsynced one by one (a killed process keeps everything up to its stage)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.file = open(path, "a", buffering=1)
-        self.t0 = time.monotonic()
-        self.stages: dict[str, float] = {}
-
-    def __call__(self, message: str) -> None:
-        line = f"{time.strftime('%F %T')} +{time.monotonic() - self.t0:7.2f}s {message}"
-        print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self(f"stage {name}: start")
-        t = time.monotonic()
-        try:
-            yield
-        except BaseException as exc:
-            self(f"stage {name}: FAILED after {time.monotonic() - t:.2f}s: {type(exc).__name__}: {exc}")
-            raise
-        self.stages[name] = time.monotonic() - t
-        self(f"stage {name}: done in {self.stages[name]:.2f}s")
 
 
 def shm_free_bytes() -> int:
@@ -92,14 +65,21 @@ def torch_cuda() -> tuple[bool, str]:
     return True, f"torch {torch.__version__}, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
 
 
-def diagnose(log: StageLog, out: Path) -> None:
-    """What Ray holds now, and the tails of its logs; then its logs as a tarball in ``out``."""
+def log_resources(log: StageLog) -> None:
+    """Ray's free vs total resources (an actor waiting for a GPU share that nobody has left shows here)."""
     import ray
 
+    if not ray.is_initialized():
+        return
     try:
         log(f"diagnose: resources free {ray.available_resources()} of {ray.cluster_resources()}")
     except Exception as exc:  # noqa: BLE001 - diagnostics must not hide the original failure
         log(f"diagnose: resources unreadable ({exc})")
+
+
+def diagnose(log: StageLog, out: Path) -> None:
+    """What Ray holds now, and the tails of its logs; then its logs as a tarball in ``out``."""
+    log_resources(log)
     logs = session_log_dir()
     if logs is None:
         log("diagnose: no Ray session log folder")
@@ -334,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     log = StageLog(out / "ray_smoke.log")
-    faulthandler.dump_traceback_later(args.deadline_s, exit=True, file=log.file)
+    log.watch(stall_s=args.wait_s + 30, deadline_s=args.deadline_s, on_stall=lambda: log_resources(log))
     log(f"ray_smoke {' '.join(sys.argv[1:])}")
     status = 0
     try:
@@ -353,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                 ray.shutdown()
         except Exception:  # noqa: BLE001
             pass
-    faulthandler.cancel_dump_traceback_later()
     if args.temp_dir.startswith("/tmp/") and status == 0:
         shutil.rmtree(Path(args.temp_dir) / "train", ignore_errors=True)
     log("RESULT " + json.dumps(result, default=str))
+    log.close()
     return status
 
 
