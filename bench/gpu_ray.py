@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, int(args.role_cpus)))  # as many as each Ray actor gets (set_threads)
         with log.stage(f"in_process on {args.device} ({torch.get_num_threads()} torch threads)"):
             runs["in_process"] = in_process(cfg.model_copy(deep=True), args.steps, args.device, log=log)
+        if args.device == "cuda":  # the Ray runs' actors need the GPU's memory more than this process's cache
+            torch.cuda.empty_cache()
     for mode in ("sync", "async"):
         if mode in modes:
             with log.stage(f"ray_{mode}"):
