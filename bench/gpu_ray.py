@@ -182,6 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['steps_within_clip']}/{r['steps']} |")
     lines += ["", f"Same seeds, same samples: ORM mean per step, one process vs Ray sync, max difference "
                   f"{result['orm_max_abs_difference']:.2e}.", ""]
+    lines += [f"Run `{name}` failed: {err}" for name, err in result["errors"].items()]
     return "\n".join(lines)
 
 
@@ -251,25 +252,41 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s.get('learner/first_ratio_max', float('nan')):.6f}], version lag {s['weights/version_lag']:.0f}")
 
     runs: dict[str, list[dict[str, float]]] = {}
+    errors: dict[str, str] = {}
+
+    def save_partial() -> None:  # what a run killed at its deadline still leaves
+        (out / f"{NAME}.json").write_text(json.dumps({"partial": True, "setup": setup, "runs": runs,
+                                                      "errors": errors}, indent=2, default=float) + "\n")
+
+    def attempt(name: str, run: Any) -> None:
+        try:
+            with log.stage(name):
+                runs[name.split(" ")[0]] = run()
+        except Exception as exc:  # noqa: BLE001 - the other runs still go ahead; the exit status says it
+            errors[name.split(" ")[0]] = f"{type(exc).__name__}: {exc}"
+        save_partial()
+
     if "in_process" in modes:
         torch.set_num_threads(max(1, int(args.role_cpus)))  # as many as each Ray actor gets (set_threads)
-        with log.stage(f"in_process on {args.device} ({torch.get_num_threads()} torch threads)"):
-            runs["in_process"] = in_process(cfg.model_copy(deep=True), args.steps, args.device, log=log)
+        attempt(f"in_process on {args.device} ({torch.get_num_threads()} torch threads)",
+                lambda: in_process(cfg.model_copy(deep=True), args.steps, args.device, log=log))
         if args.device == "cuda":  # the Ray runs' actors need the GPU's memory more than this process's cache
             torch.cuda.empty_cache()
     for mode in ("sync", "async"):
         if mode in modes:
-            with log.stage(f"ray_{mode}"):
-                log(f"ray.init({init})")
-                runs[f"ray_{mode}"] = on_ray(for_mode(cfg, mode, work), args.steps, evaluate=False,
-                                             on_event=on_event, **init)
+            log(f"ray.init({init})")
+            attempt(f"ray_{mode}", lambda mode=mode: on_ray(for_mode(cfg, mode, work), args.steps, evaluate=False,
+                                                             on_event=on_event, **init))
+    if not runs:
+        log(f"no run finished: {errors}")
+        return 1
     for name, rows in runs.items():
         for i, r in enumerate(rows):
             r["step_index"] = i
     lo, hi = args.warmup, args.steps - 1
     table = phase_table(runs, lo, hi)
     result: dict[str, Any] = {"command": "python3 bench/gpu_ray.py " + " ".join(sys.argv[1:]), "setup": setup,
-                              "phases": table, "runs": runs,
+                              "phases": table, "runs": runs, "errors": errors,
                               "ratios": {n: ratio_check(r[lo:hi], cfg.optim.clip_range) for n, r in runs.items()}}
     if "in_process" in runs and "ray_sync" in runs:
         diffs = [abs(a["orm_mean"] - b["orm_mean"]) for a, b in zip(runs["in_process"], runs["ray_sync"])]
@@ -295,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{NAME}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
         (out / f"{NAME}.md").write_text(markdown(result))
         plot(table, runs, out / f"{NAME}.png", f"toy world, {setup['batch']} videos/step, {device_name}")
-        log(f"wrote {out / NAME}.json, .md, .png")
+        log(f"wrote {out / NAME}.json, .md, .png" + (f"; runs that failed: {errors}" if errors else ""))
     log.close()
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
