@@ -57,7 +57,13 @@ _euphonium_bootstrap() (
     say "stage unpack: $target already holds this pack; skipped"
   else
     say "stage unpack: $(basename "$tarball") ($(du -h "$tarball" | cut -f1)) into $target"
-    run tar -C "$target" -xJf "$tarball" || { say "error: unpacking $tarball failed"; return 1; }
+    if command -v xz >/dev/null; then
+      run tar -C "$target" -xJf "$tarball" || { say "error: unpacking $tarball failed"; return 1; }
+    else  # no xz binary: Python's own lzma (file modes kept: raylet and gcs_server must stay executable)
+      say "no xz on PATH: unpacking with Python's tarfile"
+      run "$py" -c 'import sys, tarfile; t = tarfile.open(sys.argv[1]); t.extractall(sys.argv[2], **({"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}))' \
+        "$tarball" "$target" || { say "error: unpacking $tarball failed"; return 1; }
+    fi
     say "stage wheels: $(ls "$deps"/wheels/*.whl | wc -l) wheels"
     run "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" \
       "$deps"/wheels/*.whl || { say "error: pip install --target $target failed"; return 1; }
