@@ -47,12 +47,13 @@ def shm_free_bytes() -> int:
 
 
 def object_store_bytes(requested_mb: int | None, object_mb: int) -> int:
-    """The requested size, else half of /dev/shm's free space within [max(512 MiB, 4 objects), 2 GiB]. Ray puts
-    the store in /dev/shm only when it fits there (else in the temp dir, slowly); the log says which."""
+    """The requested size, else half of /dev/shm's free space up to 2 GiB, but at least room for four arrays and
+    512 MiB. Ray puts the store in /dev/shm only when it fits there (else in the temp dir, slowly); the log says
+    which."""
     if requested_mb:
         return requested_mb * 1024**2
     floor = max(512 * 1024**2, 4 * object_mb * 1024**2 + 200 * 1024**2)
-    return int(min(2 * 1024**3, max(floor, shm_free_bytes() // 2)))
+    return int(max(floor, min(2 * 1024**3, shm_free_bytes() // 2)))
 
 
 def torch_cuda() -> tuple[bool, str]:
