@@ -19,7 +19,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from euphonium_ray.config import RunConfig
 
-__all__ = ["ClusterResourceError", "RoleActors", "check_cluster", "needs_prm_pool", "role_bundles", "start_roles"]
+__all__ = ["ClusterResourceError", "RoleActors", "check_cluster", "check_gpu_sharing", "needs_prm_pool", "role_bundles",
+           "start_roles"]
 
 ROLES = ("rollout", "prm", "orm", "learner")
 _CONFIG_KEYS = {"rollout": "cluster.rollout_gpus", "prm": "cluster.prm_gpus", "orm": "cluster.orm_gpus",
@@ -56,9 +57,24 @@ def role_bundles(cfg: RunConfig) -> dict[str, list[dict[str, float]]]:
     return out
 
 
+def check_gpu_sharing(cfg: RunConfig) -> None:
+    """Roles may share a GPU (fractional ``cluster.*_gpus``: one machine, one GPU, every role on a share), but the
+    learner's ranks may not share one with each other: their NCCL group refuses two ranks on one GPU ("Duplicate
+    GPU detected"), and Ray packs fractional bundles onto the same GPU. Raise ClusterResourceError before that."""
+    c = cfg.cluster
+    if c.num_learners > 1 and 0 < c.learner_gpus < 1:
+        raise ClusterResourceError(
+            f"cluster.num_learners={c.num_learners} learners on cluster.learner_gpus={c.learner_gpus:g} each would "
+            "put two NCCL ranks on one GPU, which NCCL refuses; give each learner a whole GPU "
+            "(cluster.learner_gpus: 1) or use one learner (cluster.num_learners: 1)"
+        )
+
+
 def check_cluster(cfg: RunConfig, available: dict[str, float] | None = None) -> dict[str, float]:
     """Raise ClusterResourceError, naming the resource, the roles asking and the config keys, when the sum of
-    all roles' bundles exceeds what ``ray.cluster_resources()`` reports. Returns the totals asked for."""
+    all roles' bundles exceeds what ``ray.cluster_resources()`` reports, or when learner ranks would share a GPU.
+    Returns the totals asked for."""
+    check_gpu_sharing(cfg)
     have = dict(ray.cluster_resources() if available is None else available)
     need: dict[str, float] = {}
     by_role: dict[str, dict[str, float]] = {}

@@ -45,7 +45,7 @@ class PRMScorer:
     def ready(self) -> dict[str, Any]:
         import os
 
-        return {"pid": os.getpid(), "device": str(self.device)}
+        return {"pid": os.getpid(), "device": str(self.device), "gpu_ids": ray.get_gpu_ids()}
 
     def score(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         c = TextConditioning.from_dict(cond).to(self.device)
@@ -76,7 +76,7 @@ class ORMScorer:
     def ready(self) -> dict[str, Any]:
         import os
 
-        return {"pid": os.getpid(), "device": str(self.device)}
+        return {"pid": os.getpid(), "device": str(self.device), "gpu_ids": ray.get_gpu_ids()}
 
     def decode(self, latents: Tensor) -> Tensor:
         with torch.no_grad():

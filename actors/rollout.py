@@ -55,7 +55,8 @@ class RolloutWorker:
         self.metrics = None
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "device": str(self.device), "version": self.version, "index": self.index}
+        return {"pid": os.getpid(), "device": str(self.device), "version": self.version, "index": self.index,
+                "gpu_ids": ray.get_gpu_ids()}
 
     # ----------------------------------------------------------------------------------------- weights
     def load_weights(self, version: int, timeout_s: float = 600.0) -> dict[str, float]:

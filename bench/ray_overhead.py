@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -32,65 +33,84 @@ from euphonium_ray.sampling import (make_generators, prompts_for_step, sample_se
 PHASES = ("rollout", "reward", "advantage", "learn", "broadcast", "step")
 
 
-def in_process(cfg: RunConfig, steps: int) -> list[dict[str, float]]:
-    """The training step with every role in this process, sequentially (the baseline)."""
-    cpu = torch.device("cpu")
+def _now(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def in_process(cfg: RunConfig, steps: int, device: torch.device | str = "cpu",
+               log: Callable[[str], None] = print) -> list[dict[str, float]]:
+    """The training step with every role in this process on ``device``, sequentially (the baseline): the rollout,
+    learner and (for ``optim.kl_coef`` > 0) reference copies the actors would hold, the PRM and ORM."""
+    device = torch.device(device)
     dataset, _, _, latent_shape = prepare_inputs(cfg, lambda m: None)
-    rollout = load_policy(cfg, "rollout", cpu)
-    learner = load_policy(cfg, "learner", cpu)
-    prm = load_prm(cfg, cpu) if cfg.rgg.enabled or cfg.rewards.latent_outcome else None
-    codec, orm = load_codec_for(cfg, cpu), build_orm(cfg, cpu)
+    rollout = load_policy(cfg, "rollout", device)
+    learner = load_policy(cfg, "learner", device)
+    reference = load_policy(cfg, "reference", device) if cfg.optim.kl_coef > 0 else None
+    prm = load_prm(cfg, device) if cfg.rgg.enabled or cfg.rewards.latent_outcome else None
+    codec, orm = load_codec_for(cfg, device), build_orm(cfg, device)
     o = cfg.optim
     opt = torch.optim.AdamW(learner.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
                             weight_decay=o.weight_decay)
     g = cfg.sampler.group_size
     out = []
     for step in range(steps):
-        t = {}
-        t0 = time.perf_counter()
+        t0 = _now(device)
         prompts = prompts_for_step(step, len(dataset), cfg.data.prompts_per_step, cfg.data.shuffle_seed)
         cond, captions = dataset.conditioning(prompts)
-        cond, captions = cond.repeat_interleave(g), [c for c in captions for _ in range(g)]
+        cond, captions = cond.repeat_interleave(g).to(device), [c for c in captions for _ in range(g)]
         seeds = seeds_for(cfg.seed, step, prompts, g, len(dataset))
         traj = sample_trajectories(rollout, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa,
                                    prm=prm if cfg.rgg.enabled else None, latent_shape=latent_shape, group_size=g,
-                                   generator=make_generators(seeds), logprob_mean=o.logprob_mean,
+                                   generator=make_generators(seeds, device=device), logprob_mean=o.logprob_mean,
                                    reduction=o.logprob_reduction, captions=captions, weight_version=step)
-        t1 = time.perf_counter()
+        t1 = _now(device)
         with torch.no_grad():
             orm_r = orm.score(codec.decode(traj.x0_hat_final), captions)
-            latent = prm.score(traj.x0_hat_final, torch.zeros(len(captions)), cond) if (
+            latent = prm.score(traj.x0_hat_final, torch.zeros(len(captions), device=device), cond) if (
                 prm is not None and cfg.rewards.latent_outcome) else None
-        t2 = time.perf_counter()
+        t2 = _now(device)
         adv = compute_advantages(traj, orm_r, latent, cfg)
-        t3 = time.perf_counter()
+        t3 = _now(device)
         gen = torch.Generator().manual_seed(sample_seed(cfg.seed, step, -1, 0))
-        grpo_update(learner, opt, traj.select(adv.kept_rows), adv.terms, cfg, gen)
-        t4 = time.perf_counter()
+        stats = grpo_update(learner, opt, traj.select(adv.kept_rows), adv.terms, cfg, gen, reference)
+        t4 = _now(device)
         rollout.load_sync_state_dict({k: v.detach().clone() for k, v in learner.sync_state_dict().items()})
-        t5 = time.perf_counter()
+        t5 = _now(device)
         t = {"rollout": t1 - t0, "reward": t2 - t1, "advantage": t3 - t2, "learn": t4 - t3, "broadcast": t5 - t4,
-             "step": t5 - t0, "orm_mean": float(orm_r.nanmean())}
+             "step": t5 - t0, "orm_mean": float(orm_r.nanmean()), "first_ratio_min": stats["first_ratio_min"],
+             "first_ratio_max": stats["first_ratio_max"]}
         out.append(t)
-        print(f"in-process step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), flush=True)
+        log(f"in-process step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
     return out
 
 
-def on_ray(cfg: RunConfig, steps: int) -> list[dict[str, float]]:
+LEARNER_KEYS = ("learn_seconds", "first_ratio_min", "first_ratio_max", "ratio_min", "ratio_max", "clip_fraction")
+
+
+def on_ray(cfg: RunConfig, steps: int, *, evaluate: bool = True, on_event: Any = None,
+           **init: Any) -> list[dict[str, float]]:
+    """``driver.train`` on a fresh local Ray (``init``: extra ``ray.init`` arguments, e.g. ``num_gpus``); one row
+    per step: the phases' seconds, the ORM mean, the learner's ratio statistics and the weight version lag."""
     import ray
 
     from euphonium_ray.driver import train
 
-    ray.init(address="local", num_cpus=max(2, int(cfg.cluster.num_cpus or 2)), include_dashboard=False,
-             object_store_memory=cfg.cluster.object_store_memory or 300 * 1024**2)
+    ray.init(**{"address": "local", "num_cpus": max(2, int(cfg.cluster.num_cpus or 2)), "include_dashboard": False,
+                "object_store_memory": cfg.cluster.object_store_memory or 300 * 1024**2, **init})
     try:
-        summary = train(cfg.model_copy(update={"steps": steps}), progress=False)
+        summary = train(cfg.model_copy(update={"steps": steps}), progress=False, evaluate=evaluate,
+                        on_event=on_event)
     finally:
         ray.shutdown()
     rows = []
     for h in summary["history"]:
         s = h["scalars"]
-        rows.append({p: s.get(f"time/{p}", float("nan")) for p in PHASES} | {"orm_mean": s["reward/orm_mean"]})
+        rows.append({p: s.get(f"time/{p}", float("nan")) for p in PHASES} | {"orm_mean": s["reward/orm_mean"]}
+                    | {k: s.get(f"learner/{k}", float("nan")) for k in LEARNER_KEYS}
+                    | {"version_lag": s.get("weights/version_lag", float("nan"))})
     return rows
 
 

@@ -124,7 +124,10 @@ def connect(cfg: RunConfig, address: str | None) -> bool:
     if target:
         ray.init(address=target, log_to_driver=True)
         return False
-    ray.init(num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory)
+    # An embedded Ray is one machine's: bind it to loopback rather than to whatever address Ray guesses (on a
+    # machine without a network its guess falls back to hostname resolution, which may name no usable interface).
+    ray.init(num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
+             _node_ip_address="127.0.0.1")
     return True
 
 
