@@ -189,15 +189,17 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     n_prompts = len(dataset)
     eval_prompts = list(range(min(cfg.output.eval_count, len(eval_set))))
 
-    def evaluate_orm(version: int) -> float:
-        """Mean ORM of plain ODE samples of the evaluation prompts (held out when data.eval_prompts is set), from
-        the same noise at every evaluation, so that differences are the policy's."""
-        return float(system.evaluate(version, eval_prompts, cfg.seed, eval_set.conditioning,
-                                     cfg.output.eval_samples_per_prompt).nanmean())
+    def evaluate_orm(version: int) -> Any:
+        """ORM rewards (per sample) of plain ODE samples of the evaluation prompts (held out when data.eval_prompts
+        is set), from the same noise at every evaluation, so that differences are the policy's (and paired)."""
+        return system.evaluate(version, eval_prompts, cfg.seed, eval_set.conditioning,
+                               cfg.output.eval_samples_per_prompt)
 
     try:
-        before = evaluate_orm(start) if evaluate else float("nan")
-        logger.info(f"ORM reward of unguided ODE samples before step {start}: {before:.4f}")
+        before = evaluate_orm(start) if evaluate else None
+        if before is not None:
+            recorder.eval(start - 1, float(before.nanmean()), record=False)
+            logger.info(f"ORM reward of unguided ODE samples before step {start}: {float(before.nanmean()):.4f}")
         batch = None
         for step in range(start, cfg.steps):
             t_step = time.perf_counter()
@@ -227,10 +229,10 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             if step % cfg.output.sample_every == 0 or step + 1 == cfg.steps:
                 recorder.videos(step, system.decode(batch.traj.x0_hat_final[: cfg.sampler.group_size * 2]))
             if cfg.output.eval_every and (step + 1) % cfg.output.eval_every == 0:
-                recorder.eval(step, evaluate_orm(step + 1))
+                recorder.eval(step, float(evaluate_orm(step + 1).nanmean()))
             hook("step_end", step, system, record)
             batch = upcoming
-        after = evaluate_orm(cfg.steps) if evaluate else float("nan")
+        after = evaluate_orm(cfg.steps) if evaluate else None
         summary = recorder.summary(before, after, start)
         logger.info(summary["text"])
         return summary

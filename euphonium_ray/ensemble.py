@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from euphonium_ray.models.base import TextConditioning
 
@@ -77,8 +78,10 @@ class PolicyEnsemble:
             kwargs = dict(zip(names, args))
             return functional_call(self.transformer, {**params, **shared}, (), {**kwargs, "return_dict": False})[0]
 
-        with self.base.autocast(), warnings.catch_warnings():
-            # attention has no vmap batching rule: PyTorch loops over the members for it and says so on every call
+        with self.base.autocast(), sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+            # the fused attention kernels have no vmap batching rule (PyTorch loops over the members, and the
+            # memory-efficient kernel's backward then fails on CUDA: "LSE is not correctly aligned"); the math
+            # form is plain matmuls and softmax, which batch over members
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             out = vmap(one_member)(self.stacked, *split)
         return out.reshape(total, *out.shape[2:]).float()

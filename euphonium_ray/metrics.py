@@ -7,6 +7,7 @@ Unknown names fail loudly: a metric that is not in the catalog would be missing 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from euphonium_ray.metrics_catalog import BY_NAME, MetricSpec
@@ -190,14 +191,62 @@ class StepRecorder:
         self.sample_paths.append(path)
         return path
 
-    def eval(self, step: int, value: float) -> None:
+    def eval(self, step: int, value: float, record: bool = True) -> None:
+        """The ODE evaluation after ``step`` (``step`` −1 / start−1: before training); ``record=False`` keeps it
+        for the curve only (the metric and TensorBoard get the evaluations made during training)."""
         self.eval_history.append((step, value))
+        if not record:
+            return
         self._emit("euphonium_eval_reward_orm", value)
         if self.logger.writer is not None:
             self.logger.writer.add_scalar("eval/orm_ode", value, step)
 
-    def summary(self, before: float, after: float, start: int) -> dict[str, Any]:
+    def reward_curve_png(self, path: Path) -> Path | None:
+        """The rollouts' reward per step and the ODE evaluations, in one PNG beside the TensorBoard logs."""
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [h["scalars"]["reward/orm_mean"] for h in self.history], label="rollouts (guided SDE), mean")
+        if self.eval_history:
+            ax.plot([s + 1 for s, _ in self.eval_history], [v for _, v in self.eval_history], "o-",
+                    label="unguided ODE samples, evaluation prompts")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("ORM reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def summary(self, before: Any, after: Any, start: int) -> dict[str, Any]:
+        """The closing lines of a run. ``before``/``after``: per-sample ODE rewards from the same noises (paired), or
+        None when the run did not evaluate."""
+        import math
+
+        import torch
+
         root = self.logger.root
+        b = float(torch.as_tensor(before).nanmean()) if before is not None else float("nan")
+        a = float(torch.as_tensor(after).nanmean()) if after is not None else float("nan")
+        gain_line = f"  ORM reward of unguided ODE samples: before {b:.4f} -> after {a:.4f}"
+        spread: dict[str, float] = {}
+        if before is not None and after is not None:
+            diff = (torch.as_tensor(after) - torch.as_tensor(before)).double()
+            diff = diff[torch.isfinite(diff)]
+            if diff.numel() > 1:
+                se = float(diff.std()) / math.sqrt(diff.numel())
+                spread = {"gain": float(diff.mean()), "gain_se": se, "gain_sample_std": float(diff.std()),
+                          "samples": int(diff.numel())}
+                gain_line += (f": gain {spread['gain']:+.4f} ± {1.96 * se:.4f} (95% interval over {diff.numel()} "
+                              f"paired samples; per-sample spread ± {spread['gain_sample_std']:.4f})")
+        curve = self.reward_curve_png(root / "reward_curve.png")
         orm = [h["scalars"]["reward/orm_mean"] for h in self.history]
         k = max(1, min(5, len(orm) // 3)) if orm else 0
         first = sum(orm[:k]) / k if k else float("nan")
@@ -210,11 +259,12 @@ class StepRecorder:
             f"  logs:        {root / 'logs'}",
             f"  checkpoints: {root / 'checkpoints'}",
             f"  videos:      {root / 'samples'}",
-            f"  ORM reward of unguided ODE samples: before {before:.4f} -> after {after:.4f}",
+            gain_line,
             f"  ORM reward of the rollouts: first {k} steps {first:.4f} -> last {k} steps {last:.4f}",
+            *([f"  reward curve: {curve}"] if curve else []),
             "  mean seconds per step: " + ", ".join(f"{p} {v:.2f}" for p, v in times.items()),
         ])
-        return {"text": text, "orm_eval_before": before, "orm_eval_after": after, "rollout_orm": orm,
+        return {"text": text, "orm_eval_before": b, "orm_eval_after": a, "eval_gain": spread, "rollout_orm": orm,
                 "rollout_orm_first": first, "rollout_orm_last": last, "mean_seconds": times,
                 "history": self.history, "eval_history": self.eval_history, "samples": self.sample_paths,
                 "output_dir": str(root)}

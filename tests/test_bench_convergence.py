@@ -20,18 +20,19 @@ import yaml
 
 from euphonium_ray.benchmarks.analysis import RunLog, analyse, censored_median, first_crossing, moving_average
 from euphonium_ray.benchmarks.convergence import DEFAULT_CONFIGS, ConvergenceOptions, main, resolve_plan, run_benchmark
-from euphonium_ray.benchmarks.settings import SHARED_KEYS, load_method_config, load_settings, method_file
+from euphonium_ray.benchmarks.settings import SHARED_KEYS, load_method_config, load_settings, method_file, task_overrides
 from euphonium_ray.config import ConfigError, load_config
 
 # ---------------------------------------------------------------------------------------- hand-made curves
 
 
-def _log(method: str, seed: int, rewards: list[float], step_seconds: float, evals: list[float], every: int) -> RunLog:
+def _log(method: str, seed: int, rewards: list[float], step_seconds: float, evals: list[float], every: int,
+         task: str = "caption") -> RunLog:
     steps = [{"step": t, "train_reward": r, "seconds": step_seconds, "cum_seconds": step_seconds * (t + 1),
               "cpu_seconds": step_seconds / 2, "cum_cpu_seconds": step_seconds / 2 * (t + 1)}
              for t, r in enumerate(rewards)]
     ev = [{"step": i * every, "heldout_reward": v, "cum_seconds": step_seconds * i * every} for i, v in enumerate(evals)]
-    return RunLog(method, seed, steps, ev)
+    return RunLog(method, seed, steps, ev, task)
 
 
 def test_moving_average_is_the_trailing_mean_over_the_window():
@@ -129,19 +130,24 @@ def test_a_baseline_that_ends_below_its_start_makes_the_to_target_cells_vacuous_
 
 def test_every_method_config_shares_the_budget_and_sets_its_own_sampler_and_advantages():
     settings = load_settings(DEFAULT_CONFIGS)
-    cfgs = {m: load_method_config(method_file(DEFAULT_CONFIGS, m)) for m in settings.methods}
-    assert {"flow-grpo", "dance-grpo", "euphonium", "rgg-only", "process-adv-only", "euphonium-distill",
-            "euphonium-spsa"} <= set(cfgs)
+    methods = settings.methods + ["euph-credit", "euph-credit-half05", "euph-credit-half20", "euph-credit-half20-glp",
+                                  "euph-credit-half20-distill", "oracle-credit", "oracle-credit-half20"]
+    assert {"flow-grpo", "dance-grpo", "euphonium"} <= set(settings.methods)
+    assert {"caption", "centered", "motion"} <= set(settings.tasks)
     assert len(settings.seeds) >= 3
-    dumps = {m: c.model_dump(mode="json") for m, c in cfgs.items()}
-    for key in SHARED_KEYS:
-        values = set()
-        for d in dumps.values():
-            node = d
-            for part in key.split("."):
-                node = node[part]
-            values.add(json.dumps(node, sort_keys=True))
-        assert len(values) == 1, key
+    for task in settings.tasks.values():
+        cfgs = {m: load_method_config(method_file(DEFAULT_CONFIGS, m), task_overrides(task)) for m in methods}
+        dumps = {m: c.model_dump(mode="json") for m, c in cfgs.items()}
+        for key in SHARED_KEYS:
+            values = set()
+            for d in dumps.values():
+                node = d
+                for part in key.split("."):
+                    node = node[part]
+                values.add(json.dumps(node, sort_keys=True))
+            assert len(values) == 1, key
+        assert all(c.rewards.orm.backend == task.orm for c in cfgs.values())
+    cfgs = {m: load_method_config(method_file(DEFAULT_CONFIGS, m)) for m in methods}
     flow, dance, eup = cfgs["flow-grpo"], cfgs["dance-grpo"], cfgs["euphonium"]
     assert flow.sampler.noise_type == "flow" and not flow.rgg.enabled and flow.advantage.mode == "none"
     assert dance.sampler.noise_type == "dance" and dance.sampler.eta == 0.25 and not dance.rgg.enabled
@@ -149,13 +155,16 @@ def test_every_method_config_shares_the_budget_and_sets_its_own_sampler_and_adva
     n = eup.sampler.num_steps
     assert eup.rgg.enabled and eup.rgg.delta_t_scaling and eup.rgg.start == n - n // 4  # the last quarter
     assert eup.guidance_scale == pytest.approx(eup.sampler.eta**2 / (2 * 3.125)) == pytest.approx(0.01)  # KL mode
-    assert eup.advantage.mode == "both"
-    assert cfgs["rgg-only"].rgg.enabled and cfgs["rgg-only"].advantage.mode == "none"
-    pao = cfgs["process-adv-only"]
-    assert pao.rgg.enabled and pao.guidance_scale == 0.0 and pao.advantage.mode == "both"
-    assert cfgs["euphonium-distill"].optim.distill_coef > 0
-    spsa = cfgs["euphonium-spsa"]
-    assert spsa.spsa.enabled and spsa.guidance_scale == 0.0 and spsa.spsa.start == eup.rgg.start
+    assert eup.advantage.mode == "both" and eup.advantage.combine == "upstream"
+    assert eup.advantage.process_credit == "input" and eup.rgg.guided_fraction == 1.0
+    credit = cfgs["euph-credit"]
+    assert credit.advantage.process_credit == "difference" and credit.rgg.start == 0 and not credit.rgg.shifts_anything
+    half = cfgs["euph-credit-half20"]
+    assert half.rgg.scale_mode == "target_ratio" and half.rgg.target_ratio == 0.2 and half.rgg.guided_fraction == 0.5
+    assert cfgs["euph-credit-half05"].rgg.target_ratio == 0.05
+    assert cfgs["euph-credit-half20-glp"].optim.logprob_mean_training == "guided"
+    assert cfgs["euph-credit-half20-distill"].optim.distill_coef == 1.0 == cfgs["euph-credit-half20-distill"].optim.kl_coef
+    assert cfgs["oracle-credit"].rewards.prm.kind == "oracle" == cfgs["oracle-credit-half20"].rewards.prm.kind
 
 
 def _copy_configs(tmp_path: Path) -> Path:
@@ -251,6 +260,7 @@ def quick_run(tmp_path_factory):
     # two worker processes: the runs are dealt over them (the path the full run takes on 2 cores)
     report = run_benchmark(ConvergenceOptions(out_dir=out, quick=True, world="random", workers=2),
                            log=lambda _msg: None)
+    _finite_numbers({k: v for k, v in report["tasks"]["caption"].items() if k != "claim"})
     return out, report
 
 
@@ -259,33 +269,34 @@ def test_quick_in_process_run_writes_a_well_formed_report_table_and_plots(quick_
     settings = load_settings(DEFAULT_CONFIGS)
     q = settings.quick
     on_disk = json.loads((out / "convergence.json").read_text())
-    assert on_disk["methods"].keys() == report["methods"].keys() == set(settings.methods)
-    assert on_disk["budget_steps"] == q.steps and on_disk["mode"] == "in-process" and on_disk["quick"]
+    assert set(on_disk["tasks"]) == set(report["tasks"]) == set(settings.tasks)
+    assert on_disk["mode"] == "in-process" and on_disk["quick"]
     assert len(on_disk["git"]["commit"]) == 40 or on_disk["git"]["commit"] == "unknown"
-    assert set(on_disk["config_hash"]["per_method"]) == set(settings.methods)
-    assert len(set(on_disk["config_hash"]["per_method"].values())) == len(settings.methods)  # methods differ
-    _finite_numbers(on_disk)
-    for m in on_disk["methods"].values():
-        assert m["seeds"] == q.seeds
-        for key in ("steps_to_target_train", "seconds_to_target_train", "steps_to_target_heldout"):
-            s = m[key]
-            assert s["runs"] == len(q.seeds) and 0 <= s["reached"] <= s["runs"]
-            assert all(v is None or 0 <= v for v in s["per_seed"])
-        assert 0 <= m["final_heldout_reward"]["mean"] <= 1 and m["seconds_per_step"]["mean"] > 0
-    for name in ("reward_vs_step.png", "reward_vs_seconds.png"):
-        w, h = _png_size(out / name)
-        assert w > 400 and h > 200
+    for task, result in on_disk["tasks"].items():
+        assert set(result["methods"]) == set(settings.methods) and result["budget_steps"] == q.steps
+        hashes = on_disk["config_hash"][task]["per_method"]
+        assert len(set(hashes.values())) == len(settings.methods)  # methods differ
+        claim = result["claim"]
+        assert claim["paired_seeds"] == q.seeds and set(claim["methods"]) == set(settings.methods)
+        for m in result["methods"].values():
+            assert m["seeds"] == q.seeds
+            assert 0 <= m["final_heldout_reward"]["mean"] <= 1 and m["seconds_per_step"]["mean"] > 0
+        for name in ("reward_vs_step.png", "reward_vs_seconds.png"):
+            w, h = _png_size(out / f"{task}_{name}")
+            assert w > 400 and h > 200
     table = (out / "convergence.md").read_text()
-    assert all(f"| {m} |" in table for m in settings.methods)
-    for m in settings.methods:  # each resolved config is loadable by `euphonium-ray train --config`
-        assert load_config(out / "configs" / f"{m}.yaml", use_env=False).steps == q.steps
-        for seed in q.seeds:
-            steps = [json.loads(x) for x in (out / "runs" / m / f"seed-{seed}" / "steps.jsonl").read_text().splitlines()]
-            evals = [json.loads(x) for x in (out / "runs" / m / f"seed-{seed}" / "evals.jsonl").read_text().splitlines()]
-            assert [s["step"] for s in steps] == list(range(q.steps))
-            assert [e["step"] for e in evals] == list(range(0, q.steps + 1, q.eval_every))
-            assert all(0 <= s["train_reward"] <= 1 and s["seconds"] > 0 for s in steps)
-            assert steps[-1]["cum_seconds"] == pytest.approx(sum(s["seconds"] for s in steps))
+    assert all(f"| {m} |" in table for m in settings.methods) and all(f"task {t}" in table for t in settings.tasks)
+    for task in settings.tasks:
+        for m in settings.methods:  # each resolved config is loadable by `euphonium-ray train --config`
+            assert load_config(out / "configs" / task / f"{m}.yaml", use_env=False).steps == q.steps
+            for seed in q.seeds:
+                folder = out / "runs" / task / m / f"seed-{seed}"
+                steps = [json.loads(x) for x in (folder / "steps.jsonl").read_text().splitlines()]
+                evals = [json.loads(x) for x in (folder / "evals.jsonl").read_text().splitlines()]
+                assert [s["step"] for s in steps] == list(range(q.steps))
+                assert [e["step"] for e in evals] == list(range(0, q.steps + 1, q.eval_every))
+                assert all(0 <= s["train_reward"] <= 1 and s["seconds"] > 0 for s in steps)
+                assert steps[-1]["cum_seconds"] == pytest.approx(sum(s["seconds"] for s in steps))
 
 
 def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_run):
@@ -295,7 +306,7 @@ def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_ru
     from euphonium_ray.data import PromptEmbeddingDataset
     from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
     from euphonium_ray.sampling import make_generators, sample_latents, sample_trajectories
-    from euphonium_ray.toy.orm import ToyPixelORM
+    from euphonium_ray.registry import ORMS
 
     out, _ = quick_run
     info = json.loads((out / "run_info.json").read_text())
@@ -306,8 +317,8 @@ def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_ru
                                      pooled_dim=policy.pooled_dim)
     heldout = info["world"]["heldout_prompts"]
     train = [i for i, c in enumerate(dataset.captions) if c not in heldout]
-    for method in ("dance-grpo", "flow-grpo"):
-        cfg = load_config(out / "configs" / f"{method}.yaml", use_env=False)
+    for task, method in (("caption", "dance-grpo"), ("centered", "flow-grpo"), ("motion", "dance-grpo")):
+        cfg = load_config(out / "configs" / task / f"{method}.yaml", use_env=False)
         cfg.seed = seed = info["seeds"][0]
         g = cfg.sampler.group_size
         local = prompts_for_step(0, len(train), cfg.data.prompts_per_step, cfg.data.shuffle_seed)
@@ -315,10 +326,11 @@ def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_ru
         shape = policy.codec.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)
         traj = sample_trajectories(policy, cond.repeat_interleave(g), sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa,
                                    prm=None, latent_shape=shape, group_size=g,
-                                   generator=make_generators(seeds_for(seed, 0, local, g, len(train))))
-        orm = ToyPixelORM.from_config(cfg.toy)
+                                   generator=make_generators(seeds_for(seed, 0, local, g, len(train))),
+                                   same_initial_noise=cfg.sampler.same_initial_noise)
+        orm = ORMS.build(cfg.rewards.orm.backend, cfg, "cpu")
         reward = orm.score(policy.codec.decode(traj.x0_hat_final), [c for c in captions for _ in range(g)])
-        logged = json.loads((out / "runs" / method / f"seed-{seed}" / "steps.jsonl").read_text().splitlines()[0])
+        logged = json.loads((out / "runs" / task / method / f"seed-{seed}" / "steps.jsonl").read_text().splitlines()[0])
         assert logged["train_reward"] == pytest.approx(float(reward.mean()), abs=1e-6)
         # held-out: ODE from the fixed noise (one generator seeded with eval_seed), all prompts x samples
         k = settings.eval_samples_per_prompt
@@ -328,7 +340,7 @@ def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_ru
         x = sample_latents(policy, hcond.repeat_interleave(k), latent_shape=shape, num_steps=cfg.sampler.num_steps,
                            shift=cfg.sampler.shift, noise_type="ode", initial_noise=noise)
         held = orm.score(policy.codec.decode(x), [c for c in hcaps for _ in range(k)])
-        first_eval = json.loads((out / "runs" / method / f"seed-{seed}" / "evals.jsonl").read_text().splitlines()[0])
+        first_eval = json.loads((out / "runs" / task / method / f"seed-{seed}" / "evals.jsonl").read_text().splitlines()[0])
         assert first_eval["step"] == 0
         assert first_eval["heldout_reward"] == pytest.approx(float(held.mean()), abs=1e-6)
 
@@ -336,8 +348,10 @@ def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_ru
 def test_report_only_reanalyses_the_logs_to_the_same_numbers(quick_run):
     out, report = quick_run
     again = run_benchmark(ConvergenceOptions(out_dir=out, report_only=True), log=lambda _msg: None)
-    for key in ("budget_steps", "target_train_reward", "target_heldout_reward", "methods"):
-        assert again[key] == report[key]
+    assert again["tasks"].keys() == report["tasks"].keys()
+    for task in report["tasks"]:
+        for key in ("budget_steps", "target_train_reward", "target_heldout_reward", "methods", "claim"):
+            assert again["tasks"][task][key] == report["tasks"][task][key]
 
 
 @pytest.mark.slow
@@ -347,14 +361,60 @@ def test_ray_mode_through_the_driver_logs_the_same_rewards_as_in_process(quick_r
     training and held-out rewards equal the in-process runner's (same library maths, same noise)."""
     out_local, _ = quick_run
     out = tmp_path / "ray"
-    report = run_benchmark(ConvergenceOptions(out_dir=out, quick=True, ray=True, world="random",
+    report = run_benchmark(ConvergenceOptions(out_dir=out, quick=True, ray=True, world="random", tasks=["centered"],
                                               methods=["dance-grpo", "euphonium"], seeds=1), log=lambda _msg: None)
-    assert report["mode"] == "ray" and set(report["methods"]) == {"dance-grpo", "euphonium"}
-    _finite_numbers(report)
+    assert report["mode"] == "ray" and set(report["tasks"]["centered"]["methods"]) == {"dance-grpo", "euphonium"}
     for method in ("dance-grpo", "euphonium"):
         for name, key in (("steps.jsonl", "train_reward"), ("evals.jsonl", "heldout_reward")):
-            ray_vals = [json.loads(x)[key] for x in (out / "runs" / method / "seed-0" / name).read_text().splitlines()]
-            local = [json.loads(x)[key] for x in (out_local / "runs" / method / "seed-0" / name).read_text().splitlines()]
+            folder = Path("runs") / "centered" / method / "seed-0"
+            ray_vals = [json.loads(x)[key] for x in (out / folder / name).read_text().splitlines()]
+            local = [json.loads(x)[key] for x in (out_local / folder / name).read_text().splitlines()]
             assert ray_vals == pytest.approx(local, abs=1e-6), (method, name)
-        steps = [json.loads(x) for x in (out / "runs" / method / "seed-0" / "steps.jsonl").read_text().splitlines()]
+        steps = [json.loads(x) for x in (out / "runs" / "centered" / method / "seed-0" / "steps.jsonl").read_text().splitlines()]
         assert all(s["seconds"] > 0 and "cpu_seconds" not in s for s in steps)  # the driver's step time
+
+
+# -------------------------------------------------------------------------------------- the claim statistic
+def test_interpolated_crossing_is_linear_between_evaluations_and_none_when_never_reached():
+    from euphonium_ray.benchmarks.analysis import interpolated_crossing
+
+    pts = [(0, 0.5), (5, 0.6), (10, 0.8)]
+    assert interpolated_crossing(pts, 0.7) == pytest.approx(7.5)  # halfway from 0.6 to 0.8 between steps 5 and 10
+    assert interpolated_crossing(pts, 0.4) == 0.0
+    assert interpolated_crossing(pts, 0.6) == 5.0
+    assert interpolated_crossing(pts, 0.81) is None
+
+
+def test_claim_statistic_on_hand_made_curves_gives_the_ratio_of_median_steps_and_a_paired_interval():
+    from euphonium_ray.benchmarks.analysis import claim_statistics
+
+    def curve(method: str, seed: int, slope: float) -> RunLog:  # reward 0.5 + slope·step over 20 steps
+        return _log(method, seed, [0.5] * 20, 1.0, [0.5 + slope * s for s in range(0, 21, 5)], 5, "centered")
+
+    base = [curve("dance-grpo", s, 0.01) for s in range(4)]  # gain 0.2, target 0.5 + 0.16 → step 16
+    fast = [curve("euph", s, 0.02) for s in range(4)]  # reaches 0.66 at step 8
+    never = [curve("slow", s, 0.0) for s in range(4)]
+    c = claim_statistics(base + fast + never, "dance-grpo", 0.8, 500, 0.95, seed=1)
+    assert c["start"] == pytest.approx(0.5) and c["baseline_gain"] == pytest.approx(0.2)
+    assert c["target"] == pytest.approx(0.66)
+    m = c["methods"]
+    assert m["dance-grpo"]["median_steps"] == pytest.approx(16.0) and m["dance-grpo"]["ratio_vs_baseline"] == 1.0
+    assert m["euph"]["median_steps"] == pytest.approx(8.0) and m["euph"]["ratio_vs_baseline"] == pytest.approx(2.0)
+    assert m["euph"]["ratio_ci"] == pytest.approx((2.0, 2.0))  # identical seeds: no spread to resample
+    assert m["slow"]["reached"] == 0 and m["slow"]["ratio_vs_baseline"] == 0.0
+    # AUC: mean gain over 20 steps; the trapezoid of a straight line is exact
+    assert m["euph"]["auc"]["mean"] == pytest.approx(0.02 * 20 / 2)
+    assert m["euph"]["auc_minus_baseline"] == pytest.approx((0.02 - 0.01) * 20 / 2)
+
+
+def test_claim_interval_widens_with_seed_to_seed_spread_and_stays_paired():
+    from euphonium_ray.benchmarks.analysis import claim_statistics
+
+    def curve(method: str, seed: int, slope: float) -> RunLog:
+        return _log(method, seed, [0.5] * 20, 1.0, [0.5 + slope * s for s in range(0, 21, 5)], 5)
+
+    base = [curve("dance-grpo", s, 0.01) for s in range(6)]
+    mixed = [curve("m", s, sl) for s, sl in enumerate([0.02, 0.012, 0.03, 0.011, 0.025, 0.015])]
+    c = claim_statistics(base + mixed, "dance-grpo", 0.8, 2000, 0.95, seed=3)
+    lo, hi = c["methods"]["m"]["ratio_ci"]
+    assert lo < c["methods"]["m"]["ratio_vs_baseline"] < hi and lo >= 1.0

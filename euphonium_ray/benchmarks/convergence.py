@@ -60,6 +60,7 @@ class ConvergenceOptions(BaseModel):
     device: str = "cpu"
     sets: list[str] = Field(default_factory=list)
     report_only: bool = False
+    eval_samples_per_prompt: int | None = Field(default=None, ge=1)
 
 
 Plan = dict[str, dict[str, RunConfig]]  # task -> method -> config
@@ -89,6 +90,8 @@ def resolve_plan(opts: ConvergenceOptions) -> tuple[BenchmarkSettings, Plan, lis
         seeds = (seeds + [max(seeds) + 1 + i for i in range(opts.seeds)])[: opts.seeds]
     if opts.seed_list:
         seeds = list(opts.seed_list)
+    if opts.eval_samples_per_prompt:
+        settings = settings.model_copy(update={"eval_samples_per_prompt": opts.eval_samples_per_prompt})
     plan: Plan = {}
     for task in tasks:
         plan[task] = {m: load_method_config(files[m], [*task_overrides(settings.tasks[task]), *sets]) for m in methods}
@@ -243,6 +246,8 @@ def parse_args(argv: list[str]) -> ConvergenceOptions:
     p.add_argument("--seeds", type=int, help="number of seeds per method (default: benchmark.yaml)")
     p.add_argument("--seed-list", type=int, nargs="+", help="exactly these seeds (e.g. the protocol's final seeds)")
     p.add_argument("--tasks", nargs="+", help="reward tasks to run (default: all in benchmark.yaml)")
+    p.add_argument("--eval-samples-per-prompt", type=int,
+                   help="fixed-noise ODE samples per held-out prompt (default: benchmark.yaml)")
     p.add_argument("--seeds-per-unit", type=int, default=1,
                    help="seeds of one (task, method) trained together as one batched ensemble (use on a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
@@ -262,7 +267,8 @@ def parse_args(argv: list[str]) -> ConvergenceOptions:
     return ConvergenceOptions(configs_dir=a.configs, out_dir=a.out, methods=a.methods, tasks=a.tasks, seeds=a.seeds,
                               seed_list=a.seed_list, seeds_per_unit=a.seeds_per_unit, quick=a.quick,
                               ray=a.ray, world=a.world, threads=a.threads, max_minutes=a.max_minutes, device=a.device,
-                              workers=a.workers, sets=a.sets, report_only=a.report_only)
+                              workers=a.workers, sets=a.sets, report_only=a.report_only,
+                              eval_samples_per_prompt=a.eval_samples_per_prompt)
 
 
 def main(argv: list[str]) -> int:

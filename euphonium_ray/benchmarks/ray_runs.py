@@ -114,7 +114,8 @@ def run_on_ray(world: BenchWorld, settings: BenchmarkSettings, configs: dict[str
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=base.cluster.num_cpus or 2,
-                 object_store_memory=base.cluster.object_store_memory or 200 * 1024**2, include_dashboard=False)
+                 object_store_memory=base.cluster.object_store_memory or 200 * 1024**2, include_dashboard=False,
+                 _node_ip_address="127.0.0.1")
     t0 = time.monotonic()
     try:
         for seed in seeds:
