@@ -129,7 +129,7 @@ class RolloutWorker:
             sampler=self.cfg.sampler, rgg=self.cfg.rgg, spsa=self.cfg.spsa, prm=self._prm(),
             spsa_score_fn=self._spsa_score_fn(captions),
             latent_shape=request["latent_shape"], group_size=self.cfg.sampler.group_size,
-            generator=make_generators(request["seeds"], device=self.device),
+            generator=make_generators(request["seeds"]),
             same_initial_noise=self.cfg.sampler.same_initial_noise,
             logprob_mean=self.cfg.optim.logprob_mean, reduction=self.cfg.optim.logprob_reduction,
             prompt_indices=request["prompt_indices"], sample_seeds=request["seeds"], captions=captions,
@@ -149,5 +149,5 @@ class RolloutWorker:
         cond = TextConditioning.from_dict(request["cond"]).to(self.device)
         x = sample_latents(self.policy, cond, latent_shape=request["latent_shape"],
                            num_steps=self.cfg.sampler.num_steps, shift=self.cfg.sampler.shift, noise_type="ode",
-                           generator=make_generators(request["seeds"], device=self.device))
+                           generator=make_generators(request["seeds"]))
         return x.cpu()

@@ -143,3 +143,31 @@ def pooled_dim_of(model_dir: str | Path) -> int:
         return int(json.loads(cfg_path.read_text())["pooled_projection_dim"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{cfg_path}: cannot read pooled_projection_dim ({exc})") from None
+
+
+def heldout_split(num_prompts: int, heldout: int, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out, training) prompt indices: a seeded random ``heldout`` of ``num_prompts``, both sorted. The toy
+    build, the demo's evaluation and the convergence benchmark all split with this one function."""
+    if not 0 < heldout < num_prompts:
+        raise DataError(f"cannot hold out {heldout} of {num_prompts} prompts and still train on some")
+    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:heldout]), sorted(order[heldout:])
+
+
+def write_subset_index(index: str | Path, out: str | Path, prompt_indices: Sequence[int]) -> Path:
+    """A ``videos2caption.json`` holding only ``prompt_indices`` of ``index`` (entry i of the new file is entry
+    ``prompt_indices[i]`` of the old), its paths made absolute so the file works from anywhere."""
+    from euphonium_ray.preprocess import write_json
+
+    index = Path(index)
+    source = PromptEmbeddingDataset(index)
+    entries = []
+    for i in prompt_indices:
+        entry = dict(source.entries[i])
+        for key in (EMBED_KEY, MASK_KEY):
+            raw = Path(entry[key])
+            entry[key] = str(raw if raw.is_absolute() else (index.parent / raw).resolve())
+        entries.append(entry)
+    out = Path(out)
+    write_json(out, entries)
+    return out

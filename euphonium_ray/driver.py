@@ -51,10 +51,11 @@ def resolve_paths(cfg: RunConfig, base: Path | None = None) -> RunConfig:
 
 def _check_model_folder(cfg: RunConfig, log: Callable[[str], None]) -> None:
     root = Path(cfg.model.path)
-    if cfg.model.family == "toy" and not root.exists():
+    if cfg.model.family == "toy" and (not root.exists() or (cfg.data.prompts and not Path(cfg.data.prompts).is_file())):
         from euphonium_ray.toy.build import build_toy_model
 
-        log(f"toy model folder {root} does not exist yet: building it (euphonium-ray toy build)")
+        why = "does not exist yet" if not root.exists() else f"has no {Path(cfg.data.prompts).name}"
+        log(f"toy model folder {root} {why}: building it (euphonium-ray toy build)")
         build_toy_model(root, cfg, log=log)
     if not cfg.model.path or not root.is_dir():
         raise RunError(f"model folder not found: {root} (model.path)")

@@ -194,7 +194,7 @@ def generate(policy: Policy, dataset: PromptEmbeddingDataset, out: Path, setting
         videos = sample_videos(
             policy, cond, latent_shape=latent_shape, num_steps=settings.num_steps, shift=settings.shift,
             noise_type=noise_type, eta=settings.eta, flow_a=settings.flow_a,
-            generator=make_generators(seeds, device=device), prm=prm if settings.sampler == "rgg" else None,
+            generator=make_generators(seeds), prm=prm if settings.sampler == "rgg" else None,
             rgg=settings.rgg if settings.sampler == "rgg" else None,
         )
         for k, seed in enumerate(seeds):

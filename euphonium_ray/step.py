@@ -33,7 +33,7 @@ def rollout(policy: Policy, cond: TextConditioning, cfg: RunConfig, *, prm: Any,
     return sample_trajectories(
         policy, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa, prm=prm if cfg.rgg.enabled else None,
         latent_shape=latent_shape, group_size=cfg.sampler.group_size,
-        generator=make_generators(seeds, device=device), spsa_score_fn=spsa_score_fn,
+        generator=make_generators(seeds), spsa_score_fn=spsa_score_fn,
         same_initial_noise=cfg.sampler.same_initial_noise, logprob_mean=cfg.optim.logprob_mean,
         reduction=cfg.optim.logprob_reduction, prompt_indices=prompt_indices, sample_seeds=list(seeds),
         captions=captions, weight_version=weight_version, timings=timings,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from euphonium_ray.config import ConfigError, RunConfig
-from euphonium_ray.data import PromptEmbeddingDataset
+from euphonium_ray.data import PromptEmbeddingDataset, heldout_split, write_subset_index
 from euphonium_ray.models.base import OutcomeRewardModel, TextConditioning
 from euphonium_ray.models.hunyuan import HunyuanVideoPolicy, set_tf32
 from euphonium_ray.models.prm import LatentPRM
@@ -126,11 +126,9 @@ class BenchWorld:
         n = len(self.captions)
         if not 0 < heldout_prompts < n:
             raise ConfigError(f"heldout_prompts={heldout_prompts} must leave training prompts: the world has {n}")
+        self.heldout, self.train = heldout_split(n, heldout_prompts, heldout_seed)
         cond, _ = dataset.conditioning(list(range(n)))
         self.cond_all: TextConditioning = cond.to(self.device, torch.float32).with_captions(self.captions)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(heldout_seed)).tolist()
-        self.heldout: list[int] = sorted(order[:heldout_prompts])
-        self.train: list[int] = sorted(order[heldout_prompts:])
         probe = self.load_policy(trainable="none")
         self.codec = probe.codec
         self.latent_shape = tuple(self.codec.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width))
@@ -177,21 +175,7 @@ class BenchWorld:
     def write_prompt_index(self, path: str | Path, prompt_indices: list[int]) -> Path:
         """A ``videos2caption.json`` of just these prompts (absolute paths), e.g. the training prompts for the driver,
         whose dataset index i is then ``prompt_indices[i]`` of this world."""
-        from euphonium_ray.data import EMBED_KEY, MASK_KEY
-        from euphonium_ray.preprocess import write_json
-
-        index = self.paths.embeddings
-        source = PromptEmbeddingDataset(index)
-        entries = []
-        for i in prompt_indices:
-            entry = dict(source.entries[i])
-            for key in (EMBED_KEY, MASK_KEY):
-                raw = Path(entry[key])
-                entry[key] = str(raw if raw.is_absolute() else (index.parent / raw).resolve())
-            entries.append(entry)
-        out = Path(path)
-        write_json(out, entries)
-        return out
+        return write_subset_index(self.paths.embeddings, path, prompt_indices)
 
     def heldout_noise(self, samples_per_prompt: int, seed: int) -> Tensor:
         """The fixed initial noise of held-out evaluation: one draw per (prompt, sample), same for every method."""

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from euphonium_ray.checkpoint import atomic_write_dir
 from euphonium_ray.config import RunConfig, ToyConfig
+from euphonium_ray.data import heldout_split, write_subset_index
 from euphonium_ray.toy.codec import PixelUnshuffleCodec
 from euphonium_ray.toy.data import ShapesWorld
 from euphonium_ray.toy.vocab import vocabulary
@@ -100,6 +101,11 @@ def build_text_side(out: Path, toy: ToyConfig, assets: Path | None, log: Callabl
     log("text side: built tiny Llama + CLIP text encoders and word-level tokenizers")
 
 
+# the held-out split of the world's prompts: the demo evaluates on it, the convergence benchmark holds out the same
+HELDOUT_PROMPTS, HELDOUT_SEED = 8, 7
+TRAIN_INDEX, HELDOUT_INDEX = "train.json", "heldout.json"
+
+
 def write_embeddings(out: Path, toy: ToyConfig, world: ShapesWorld, progress: bool = False) -> Path:
     """The world's prompts through ``euphonium-ray preprocess`` (upstream layout) into ``out/embeddings``."""
     from euphonium_ray.preprocess import preprocess_prompts
@@ -168,7 +174,15 @@ def build_toy_model(
     codec.save_pretrained(out / "vae")
     write_model_index(out, toy)
     index = write_embeddings(out, toy, world)
-    log(f"embeddings: {len(world.prompts)} prompts -> {index}")
+    n = len(world.prompts)
+    if n >= 2:  # 8 of the committed world's 48 prompts; a smaller world holds out a sixth (at least one)
+        heldout, train = heldout_split(n, min(HELDOUT_PROMPTS, max(1, n // 6)), HELDOUT_SEED)
+        write_subset_index(index, index.parent / TRAIN_INDEX, train)
+        write_subset_index(index, index.parent / HELDOUT_INDEX, heldout)
+        log(f"embeddings: {n} prompts -> {index} ({len(train)} for training in {TRAIN_INDEX}, "
+            f"{len(heldout)} held out in {HELDOUT_INDEX})")
+    else:
+        log(f"embeddings: {n} prompt -> {index}")
 
     reusable = assets is not None and (assets / "transformer" / "config.json").is_file()
     diff = config_differences(stored_toy_config(assets), toy, TRANSFORMER_FIELDS) if reusable else ["none committed"]
