@@ -19,7 +19,7 @@ from actors.common import actor_device, config_from, load_codec_for, load_policy
 from actors.weights import StaleWeightsError, make_weight_sync, state_digest
 from euphonium_ray.metrics import rss_bytes
 from euphonium_ray.models.base import TextConditioning
-from euphonium_ray.learning import wants_output_rewards
+from euphonium_ray.learning import unused_by_learner, wants_output_rewards
 from euphonium_ray.sampling import make_generators, sample_latents, sample_trajectories
 
 __all__ = ["RolloutWorker", "max_staleness"]
@@ -141,6 +141,7 @@ class RolloutWorker:
         self._metric("euphonium_rss_bytes", float(rss_bytes()))
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         self._metric("euphonium_gpu_memory_bytes", float(gpu))
+        traj = traj.without(*unused_by_learner(self.cfg))  # what the learner never reads does not travel
         return {"traj": traj.cpu().to_dict(), "timings": timings, "worker": self.index, "pid": os.getpid()}
 
     def evaluate(self, request: dict[str, Any]) -> torch.Tensor:

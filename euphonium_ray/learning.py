@@ -33,7 +33,7 @@ from euphonium_ray.sharding import to_float
 from euphonium_ray.trajectory import Trajectories
 
 __all__ = ["Advantages", "compute_advantages", "grpo_update", "process_credit", "trainable_transitions",
-           "wants_output_rewards"]
+           "unused_by_learner", "wants_output_rewards"]
 
 AdvantageTerms = list[tuple[float, Tensor]]
 
@@ -142,6 +142,17 @@ def process_credit(traj: Trajectories, credit: str) -> tuple[Tensor, Tensor]:
         diff = torch.where(mask, traj.process_rewards_next - traj.process_rewards, torch.zeros_like(traj.process_rewards))
         return diff, mask
     raise ValueError(f"advantage.process_credit must be input, output or difference, got {credit!r}")
+
+
+def unused_by_learner(cfg: RunConfig) -> tuple[str, ...]:
+    """Rollout tensors this run's learner never reads: the guided means (only distillation does) and the guidance
+    shifts (only a log-prob under the guided mean does). Leaving them out of the transfer halves or thirds it."""
+    names = []
+    if cfg.optim.distill_coef == 0:
+        names.append("guided_means")
+    if cfg.optim.logprob_mean_training != "guided":
+        names.append("guidance_shifts")
+    return tuple(names)
 
 
 def wants_output_rewards(cfg: RunConfig) -> bool:

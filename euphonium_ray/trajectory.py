@@ -23,7 +23,7 @@ from euphonium_ray.models.base import TextConditioning
 __all__ = ["Trajectories", "TrajectoryError"]
 
 _COND_PREFIX = "cond."
-_OPTIONAL = ("process_rewards_next", "process_evaluated_next", "guided_rows")
+_OPTIONAL = ("process_rewards_next", "process_evaluated_next", "guided_rows", "guided_means", "guidance_shifts")
 
 
 class TrajectoryError(ValueError):
@@ -54,8 +54,8 @@ class Trajectories:
     process_evaluated: Tensor
     guidance_norms: Tensor
     guided_steps: Tensor
-    guided_means: Tensor
-    guidance_shifts: Tensor
+    guided_means: Tensor | None
+    guidance_shifts: Tensor | None
     x0_hat_final: Tensor
     group_ids: Tensor
     prompt_indices: Tensor
@@ -125,8 +125,9 @@ class Trajectories:
             if getattr(self, name) is not None:
                 expect[name] = shape
         m = int(self.guided_steps.numel())
-        expect["guided_means"] = (b, m, *self.latent_shape)
-        expect["guidance_shifts"] = (b, m, *self.latent_shape)
+        for name in ("guided_means", "guidance_shifts"):
+            if getattr(self, name) is not None:
+                expect[name] = (b, m, *self.latent_shape)
         for name, shape in expect.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
@@ -194,6 +195,14 @@ class Trajectories:
             captions=[c for t in items for c in t.captions],
             weight_version=min(t.weight_version for t in items),
         )
+
+    def without(self, *names: str) -> "Trajectories":
+        """The same batch without the optional per-step tensors ``names`` (``guided_means``, ``guidance_shifts``):
+        what a learner that does not read them need not be sent (each is as large as the whole latent path)."""
+        unknown = [n for n in names if n not in _OPTIONAL]
+        if unknown:
+            raise TrajectoryError(f"only optional fields can be left out, not {unknown}")
+        return replace(self, **{n: None for n in names})
 
     def to(self, device: torch.device | str) -> "Trajectories":
         moved = {name: getattr(self, name).to(device) for name in self._tensor_fields()}
