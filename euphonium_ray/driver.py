@@ -159,10 +159,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     cfg = resolve_paths(cfg)
     hook = on_event or (lambda *a: None)
     out = Path(cfg.output.dir)
-    start, resume_path = 0, None
+    start, resume_path, skipped = 0, None, []
     if resume:
         try:
-            resume_path = str(resolve_checkpoint(out, "latest") if resume == "latest" else resolve_checkpoint(resume, ""))
+            resume_path = str(resolve_checkpoint(out, "latest", lambda f, why: skipped.append(
+                f"skipped checkpoint {f}: {why}")) if resume == "latest" else resolve_checkpoint(resume, ""))
             start = int(read_state(resume_path)["step"])
         except CheckpointError as exc:
             raise RunError(f"--resume {resume}: {exc}") from None
@@ -170,6 +171,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             raise RunError(f"checkpoint {resume_path} is at step {start}, not before steps={cfg.steps}")
     logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
                        progress=progress)
+    for line in skipped:
+        logger.warning(line)
     try:
         dataset, eval_set, pooled, latent_shape = prepare_inputs(cfg, logger.info)
         started_ray = connect(cfg, address)
