@@ -115,7 +115,10 @@ def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[
 
 # --------------------------------------------------------------------------------------------------- ray
 def connect(cfg: RunConfig, address: str | None) -> bool:
-    """Join the given cluster, or start an embedded one. Returns True when this call started Ray."""
+    """Join the given cluster, or start a private local one. Returns True when this call started Ray.
+
+    Without an address, ``ray.init()`` would attach to a ``ray start --head`` of this machine, or try a stale
+    record of one in Ray's temp folder; ``address="local"`` always starts a new instance, bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
@@ -124,11 +127,22 @@ def connect(cfg: RunConfig, address: str | None) -> bool:
     if target:
         ray.init(address=target, log_to_driver=True)
         return False
-    # An embedded Ray is one machine's: bind it to loopback rather than to whatever address Ray guesses (on a
-    # machine without a network its guess falls back to hostname resolution, which may name no usable interface).
-    ray.init(num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
-             _node_ip_address="127.0.0.1")
+    # bound to loopback rather than to whatever address Ray guesses (on a machine without a network its guess falls
+    # back to hostname resolution, which may name no usable interface)
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
+             _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
     return True
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def private_ray_note() -> str:
+    """What the private local Ray exposes, said once at start (ray.init sets RAY_AUTH_MODE when it was unset)."""
+    auth = os.environ.get("RAY_AUTH_MODE", "").lower()
+    guard = ("token authentication on" if auth == "token" else
+             f"token authentication off (RAY_AUTH_MODE={auth or 'unset'}): any process on this machine can reach it")
+    return f"started a private local Ray on {LOOPBACK} only; {guard}"
 
 
 def weight_sync_backend(cfg: RunConfig) -> str:
@@ -176,6 +190,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     try:
         dataset, eval_set, pooled, latent_shape = prepare_inputs(cfg, logger.info)
         started_ray = connect(cfg, address)
+        if started_ray:
+            logger.info(private_ray_note())
         check_cluster(cfg)
         metrics = RayMetrics("driver")
         backend = weight_sync_backend(cfg)
