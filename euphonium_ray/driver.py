@@ -183,8 +183,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             raise RunError(f"--resume {resume}: {exc}") from None
         if start >= cfg.steps:
             raise RunError(f"checkpoint {resume_path} is at step {start}, not before steps={cfg.steps}")
-    logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
-                       progress=progress)
+    try:
+        logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
+                           progress=progress)
+    except OSError as exc:  # read-only, no permission, a file in the way, disk full
+        raise RunError(f"output.dir {out} cannot be written: {exc.strerror or exc} ({exc.filename or out})") from None
     for line in skipped:
         logger.warning(line)
     try:
