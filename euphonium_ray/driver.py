@@ -10,6 +10,7 @@ ratio corrects that). Outputs land under ``output.dir`` (see ``run_logging.py`` 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from euphonium_ray.config import ConfigError, RunConfig, load_config
 from euphonium_ray.learning import compute_advantages
+from euphonium_ray.ray_output import send_worker_output_to
 
 __all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
 
@@ -130,7 +132,7 @@ def connect(cfg: RunConfig, address: str | None) -> bool:
     # bound to loopback rather than to whatever address Ray guesses (on a machine without a network its guess falls
     # back to hostname resolution, which may name no usable interface)
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
-             _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
+             _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, logging_level=logging.WARNING)
     return True
 
 
@@ -142,7 +144,13 @@ def private_ray_note() -> str:
     auth = os.environ.get("RAY_AUTH_MODE", "").lower()
     guard = ("token authentication on" if auth == "token" else
              f"token authentication off (RAY_AUTH_MODE={auth or 'unset'}): any process on this machine can reach it")
-    return f"started a private local Ray on {LOOPBACK} only; {guard}"
+    try:  # Ray's own start-up line, which said where the dashboard is, is silenced with the rest of its INFO
+        from ray._private.worker import get_dashboard_url
+
+        dashboard = f"; dashboard http://{get_dashboard_url()}" if get_dashboard_url() else ""
+    except Exception:  # noqa: BLE001 (a Ray without it: the note simply leaves the dashboard out)
+        dashboard = ""
+    return f"started a private local Ray on {LOOPBACK} only; {guard}{dashboard}"
 
 
 def weight_sync_backend(cfg: RunConfig) -> str:
@@ -193,6 +201,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     try:
         dataset, eval_set, pooled, latent_shape = prepare_inputs(cfg, logger.info)
         started_ray = connect(cfg, address)
+        logger.on_close(send_worker_output_to(logger.logs / "ray.log"))
         if started_ray:
             logger.info(private_ray_note())
         check_cluster(cfg)
@@ -258,11 +267,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
         return summary
     finally:
         system.close()
-        logger.close()
         if started_ray:
             import ray
 
             ray.shutdown()
+        logger.close()  # after Ray: what its workers print while stopping still goes to logs/ray.log
 
 
 # ---------------------------------------------------------------------------------------------------- cli

@@ -1,10 +1,13 @@
 """`euphonium-ray train` without an address starts its own Ray on 127.0.0.1, whatever else this machine runs: a
 `ray start --head` (which plain ``ray.init()`` would join) or a stale record of one in Ray's temp folder (which plain
-``ray.init()`` would try to reach). The head here is real, started by the test in Ray's CLI, and stopped by the
-process group the test created (never `ray stop`, which stops every Ray on the machine)."""
+``ray.init()`` would try to reach); and what that Ray's workers print goes to the run's ``logs/ray.log``, not the
+console. The head here is real, started by the test in Ray's CLI, and stopped by the process group the test created
+(never `ray stop`, which stops every Ray on the machine)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -32,18 +35,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture()
-def ray_tmpdir(monkeypatch) -> Iterator[Path]:
-    """A private Ray temp root (short: Ray puts Unix sockets under it), so the head's record of itself is written
-    where this test, and nobody else, looks."""
-    root = Path(tempfile.mkdtemp(prefix="erp", dir="/tmp"))
-    monkeypatch.setenv("RAY_TMPDIR", str(root))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _start_head(tmpdir: Path) -> tuple[subprocess.Popen, str]:
@@ -87,28 +78,61 @@ def _assert_private(seen: dict[str, Any], head_address: str) -> None:
     assert seen["node_ips"] == ["127.0.0.1"]
 
 
-def test_train_without_an_address_starts_a_private_loopback_ray_beside_a_live_head_and_after_it_left_a_stale_record(
-    world, ray_tmpdir, tmp_path
-):
+@pytest.fixture(scope="module")
+def beside_a_head(world, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """One one-step run through the train command's own connect(), with a `ray start --head` up on this machine;
+    the console (Python's stdout and stderr) is captured. The head is stopped afterwards without `ray stop`."""
     assert not ray.is_initialized()
-    head, head_address = _start_head(ray_tmpdir)
-    seen: dict[str, Any] = {}
-    try:  # a whole (one-step) run through the train command's own connect(), with the head up
-        summary = train(run_config(world, tmp_path / "run", "steps=1"), progress=False, evaluate=False,
-                        on_event=lambda event, *_: seen.update(_where_ray_runs()) if event == "step_start" else None)
-    finally:
-        _stop_head(head)
-    assert not ray.is_initialized()  # the run shut down the Ray it started
-    assert [h["step"] for h in summary["history"]] == [0]
-    _assert_private(seen, head_address)
-    log = (tmp_path / "run" / "logs" / "train.log").read_text()
-    assert "started a private local Ray on 127.0.0.1 only; token authentication off (RAY_AUTH_MODE=disabled)" in log
+    tmpdir = Path(tempfile.mkdtemp(prefix="erp", dir="/tmp"))  # short: Ray puts Unix sockets under it
+    out = tmp_path_factory.mktemp("beside-a-head")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", str(tmpdir))  # the head's record of itself lands where only this test looks
+        env.delenv("RAY_ADDRESS", raising=False)
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        head, head_address = _start_head(tmpdir)
+        seen: dict[str, Any] = {}
+        console = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+                summary = train(run_config(world, out / "run", "steps=1"), progress=False, evaluate=False,
+                                on_event=lambda event, *_: seen.update(_where_ray_runs()) if event == "step_start"
+                                else None)
+        finally:
+            _stop_head(head)
+        yield {"summary": summary, "seen": seen, "head": head, "head_address": head_address, "tmpdir": tmpdir,
+               "console": console.getvalue(), "logs": out / "run" / "logs", "world": world, "out": out}
+    shutil.rmtree(tmpdir, ignore_errors=True)
 
+
+def test_train_without_an_address_starts_a_private_loopback_ray_beside_a_live_ray_start_head(beside_a_head):
+    assert not ray.is_initialized()  # the run shut down the Ray it started
+    assert [h["step"] for h in beside_a_head["summary"]["history"]] == [0]
+    _assert_private(beside_a_head["seen"], beside_a_head["head_address"])
+    note = "started a private local Ray on 127.0.0.1 only; token authentication off (RAY_AUTH_MODE=disabled)"
+    assert note in (beside_a_head["logs"] / "train.log").read_text() and note in beside_a_head["console"]
+
+
+def test_a_stale_record_of_a_head_in_the_temp_folder_does_not_catch_the_next_run(beside_a_head, monkeypatch):
     # the head was killed without `ray stop`, so its record in the temp folder now names a dead address
-    assert head.poll() is not None
-    assert (ray_tmpdir / "ray" / "ray_current_cluster").read_text().strip() == head_address
-    assert connect(run_config(world, tmp_path / "again"), None) is True
+    assert beside_a_head["head"].poll() is not None
+    record = beside_a_head["tmpdir"] / "ray" / "ray_current_cluster"
+    assert record.read_text().strip() == beside_a_head["head_address"]
+    monkeypatch.setenv("RAY_TMPDIR", str(beside_a_head["tmpdir"]))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert connect(run_config(beside_a_head["world"], beside_a_head["out"] / "again"), None) is True
     try:
-        _assert_private(_where_ray_runs(), head_address)
+        _assert_private(_where_ray_runs(), beside_a_head["head_address"])
     finally:
         ray.shutdown()
+
+
+def test_ray_train_report_lines_and_worker_tracebacks_go_to_the_run_log_not_the_console(beside_a_head):
+    ray_log = (beside_a_head["logs"] / "ray.log").read_text()
+    console = beside_a_head["console"]
+    assert "(RayTrainWorker pid=" in ray_log and "Reporting training result 1: TrainingReport(" in ray_log
+    for worker_line in ("Reporting training result", "TrainController", "RayTrainWorker", "PlacementGroupCleaner",
+                        "Traceback", "Started a local Ray instance"):
+        assert worker_line not in console, console
+    # what is left on the console is ours: the driver's lines and its summary
+    assert all(line.startswith(("[euphonium] ", "  ")) for line in console.splitlines() if line.strip()), console
