@@ -9,14 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,46 +19,11 @@ import ray
 
 from euphonium_ray.driver import connect, train
 
+from ray_head import start_head, stop_head
 from test_ray_components import run_config, world  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 HEAD_RESOURCE = "intruder_head"  # only the foreign head advertises it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_head(tmpdir: Path) -> tuple[subprocess.Popen, str]:
-    """`ray start --head --block` in a new session; returns it and the GCS address it recorded."""
-    port = _free_port()
-    ray_cli = Path(sys.executable).parent / "ray"
-    head = subprocess.Popen(
-        [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         f"--resources={json.dumps({HEAD_RESOURCE: 1})}", "--include-dashboard=false", "--disable-usage-stats"],
-        env=dict(os.environ), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    record = tmpdir / "ray" / "ray_current_cluster"
-    deadline = time.monotonic() + 90
-    while not record.is_file() and time.monotonic() < deadline and head.poll() is None:
-        time.sleep(0.5)
-    assert record.is_file(), "ray start --head did not come up"
-    return head, record.read_text().strip()
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group this test created (the head and everything it spawned)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            head.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _where_ray_runs() -> dict[str, Any]:
@@ -89,7 +48,8 @@ def beside_a_head(world, tmp_path_factory) -> Iterator[dict[str, Any]]:
         env.setenv("RAY_TMPDIR", str(tmpdir))  # the head's record of itself lands where only this test looks
         env.delenv("RAY_ADDRESS", raising=False)
         env.setenv("RAY_AUTH_MODE", "disabled")
-        head, head_address = _start_head(tmpdir)
+        head, head_address = start_head(tmpdir, "--include-dashboard=false",
+                                        f"--resources={json.dumps({HEAD_RESOURCE: 1})}")
         seen: dict[str, Any] = {}
         console = io.StringIO()
         try:
@@ -98,7 +58,7 @@ def beside_a_head(world, tmp_path_factory) -> Iterator[dict[str, Any]]:
                                 on_event=lambda event, *_: seen.update(_where_ray_runs()) if event == "step_start"
                                 else None)
         finally:
-            _stop_head(head)
+            stop_head(head)
         yield {"summary": summary, "seen": seen, "head": head, "head_address": head_address, "tmpdir": tmpdir,
                "console": console.getvalue(), "logs": out / "run" / "logs", "world": world, "out": out}
     shutil.rmtree(tmpdir, ignore_errors=True)
