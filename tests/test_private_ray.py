@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,7 +47,8 @@ def beside_a_head(world, tmp_path_factory) -> Iterator[dict[str, Any]]:
     assert not ray.is_initialized()
     tmpdir = Path(tempfile.mkdtemp(prefix="erp", dir="/tmp"))  # short: Ray puts Unix sockets under it
     out = tmp_path_factory.mktemp("beside-a-head")
-    with pytest.MonkeyPatch.context() as env:
+    with pytest.MonkeyPatch.context() as env, contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, tmpdir, ignore_errors=True)
         env.setenv("RAY_TMPDIR", str(tmpdir))  # the head's record of itself lands where only this test looks
         env.delenv("RAY_ADDRESS", raising=False)
         env.setenv("RAY_AUTH_MODE", "disabled")
@@ -61,7 +65,6 @@ def beside_a_head(world, tmp_path_factory) -> Iterator[dict[str, Any]]:
             stop_head(head)
         yield {"summary": summary, "seen": seen, "head": head, "head_address": head_address, "tmpdir": tmpdir,
                "console": console.getvalue(), "logs": out / "run" / "logs", "world": world, "out": out}
-    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def test_train_without_an_address_starts_a_private_loopback_ray_beside_a_live_ray_start_head(beside_a_head):
@@ -72,19 +75,33 @@ def test_train_without_an_address_starts_a_private_loopback_ray_beside_a_live_ra
     assert note in (beside_a_head["logs"] / "train.log").read_text() and note in beside_a_head["console"]
 
 
-def test_a_stale_record_of_a_head_in_the_temp_folder_does_not_catch_the_next_run(beside_a_head, monkeypatch):
+STALE_PROBE = """
+import json, sys
+import ray
+sys.path.insert(0, sys.argv[1])
+from euphonium_ray.driver import connect
+from test_private_ray import _where_ray_runs
+from test_ray_components import run_config
+from pathlib import Path
+started = connect(run_config(Path(sys.argv[2]), Path(sys.argv[3])), None)
+print(json.dumps({"started": started, **_where_ray_runs()}))
+ray.shutdown()
+"""
+
+
+def test_a_stale_record_of_a_head_in_the_temp_folder_does_not_catch_the_next_run(beside_a_head):
     # the head was killed without `ray stop`, so its record in the temp folder now names a dead address
     assert beside_a_head["head"].poll() is not None
     record = beside_a_head["tmpdir"] / "ray" / "ray_current_cluster"
     assert record.read_text().strip() == beside_a_head["head_address"]
-    monkeypatch.setenv("RAY_TMPDIR", str(beside_a_head["tmpdir"]))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert connect(run_config(beside_a_head["world"], beside_a_head["out"] / "again"), None) is True
-    try:
-        _assert_private(_where_ray_runs(), beside_a_head["head_address"])
-    finally:
-        ray.shutdown()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "RAY_TMPDIR": str(beside_a_head["tmpdir"]), "RAY_AUTH_MODE": "disabled"}
+    probe = subprocess.run([sys.executable, "-c", STALE_PROBE, str(Path(__file__).parent), str(beside_a_head["world"]),
+                            str(beside_a_head["out"] / "again")], env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert seen.pop("started") is True
+    _assert_private(seen, beside_a_head["head_address"])
 
 
 def test_ray_train_report_lines_and_worker_tracebacks_go_to_the_run_log_not_the_console(beside_a_head):
