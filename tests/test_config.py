@@ -130,8 +130,8 @@ def test_non_boolean_env_value_names_the_variable() -> None:
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"PROCESS_REWARD_ADVANTAGE_MODE": "7"},
-         "advantage.mode: Input should be 'both', 'none' or 'only' (got '7') (from PROCESS_REWARD_ADVANTAGE_MODE='7')"),
+        ({"TRL_DTYPE": "fp8"},
+         "rewards.orm.dtype: Input should be 'fp32' or 'bf16' (got 'fp8') (from TRL_DTYPE='fp8')"),
         ({"TRL_PROMPT_VARIANT": "bogus"},
          "rewards.orm.prompt_variant: Input should be 'deformity_physics' or 'ta' (got 'bogus') "
          "(from TRL_PROMPT_VARIANT='bogus')"),
@@ -144,7 +144,7 @@ def test_non_boolean_env_value_names_the_variable() -> None:
          "rgg.start=99 is past the last sampling step (sampler.num_steps=16) "
          "(from PROCESS_LATENT_REWARD_START_STEP='99')"),
     ],
-    ids=["adv-mode", "prompt-variant", "kl-beta", "spsa-samples", "start-step"],
+    ids=["orm-dtype", "prompt-variant", "kl-beta", "spsa-samples", "start-step"],
 )
 def test_an_invalid_value_from_an_upstream_environment_variable_names_the_variable(environ, message) -> None:
     with pytest.raises(ConfigError) as info:
