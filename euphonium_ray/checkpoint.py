@@ -313,8 +313,12 @@ def _safetensors_problem(file: Path) -> str | None:
 def checkpoint_problem(folder: str | Path) -> str | None:
     """Why a step folder cannot be resumed from, or None: its state.json names its step, the transformer weights
     exist, the optimizer files come as a pair, and every JSON and safetensors file under it is whole. Reads file
-    headers only, so checking a multi-GB checkpoint takes milliseconds."""
-    folder = Path(folder)
+    headers only, so checking a multi-GB checkpoint takes milliseconds. Files are named relative to the folder."""
+    problem = _checkpoint_problem(Path(folder))
+    return problem.replace(f"{Path(folder)}{os.sep}", "") if problem else None
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
     try:
         state = read_state(folder)
     except CheckpointError as exc:
@@ -328,7 +332,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     if not (weights / WEIGHTS_NAME).is_file() and not (weights / WEIGHTS_INDEX_NAME).is_file():
         return f"{weights} holds no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME})"
     if (folder / OPTIMIZER_TENSORS).is_file() != (folder / OPTIMIZER_META).is_file():
-        return f"{folder} has only one of {OPTIMIZER_TENSORS} and {OPTIMIZER_META}"
+        return f"only one of {OPTIMIZER_TENSORS} and {OPTIMIZER_META} is there"
     for file in sorted(folder.rglob("*.json")):
         try:
             json.loads(file.read_text())

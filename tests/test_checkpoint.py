@@ -203,7 +203,7 @@ CORRUPTIONS = {
     "weights-file-missing": (lambda d: (d / "transformer" / ckpt.WEIGHTS_NAME).unlink(),
                              "holds no diffusion_pytorch_model.safetensors"),
     "optimizer-truncated": (lambda d: _truncate(d / ckpt.OPTIMIZER_TENSORS), "optimizer.safetensors is 128968 bytes but"),
-    "optimizer-json-missing": (lambda d: (d / ckpt.OPTIMIZER_META).unlink(), "has only one of optimizer.safetensors"),
+    "optimizer-json-missing": (lambda d: (d / ckpt.OPTIMIZER_META).unlink(), "only one of optimizer.safetensors and optimizer.json is there"),
     "optimizer-json-garbled": (lambda d: (d / ckpt.OPTIMIZER_META).write_text('{"class": "Ad'),
                                "optimizer.json is not valid JSON"),
     "state-json-garbled": (lambda d: (d / ckpt.STATE_FILE).write_text("{"), "state.json is not valid JSON"),
@@ -241,7 +241,8 @@ def test_resume_latest_with_every_checkpoint_corrupt_lists_each_and_an_explicit_
     with pytest.raises(CheckpointError) as err:
         resolve_checkpoint(tmp_path, "latest")
     message = str(err.value)
-    assert message.startswith(f"no complete checkpoint under {tmp_path / 'checkpoints'}: step-3 (")
+    assert message.startswith(f"no complete checkpoint under {tmp_path / 'checkpoints'}: step-3 (transformer/")
     assert all(f"step-{s} (" in message for s in (1, 2, 3)) and "\n" not in message
-    with pytest.raises(CheckpointError, match=f"cannot resume from {paths[2]}: .*is 64020 bytes but its header describes 128040"):
+    with pytest.raises(CheckpointError, match=f"cannot resume from {paths[2]}: transformer/diffusion_pytorch_model."
+                                              "safetensors is 64020 bytes but its header describes 128040"):
         resolve_checkpoint(paths[2], "")

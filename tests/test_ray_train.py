@@ -221,6 +221,7 @@ def test_resume_latest_skips_a_truncated_newest_checkpoint_and_continues_from_th
     assert [h["step"] for h in summary["history"]] == list(range(STEPS // 2, STEPS))
     ours, reference = _weights(tmp_path, STEPS), _weights(baseline["out"], STEPS)
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
-    said = f"skipped checkpoint {newest}: {weights} is {size // 2} bytes but its header describes {size}"
+    said = (f"skipped checkpoint {newest}: transformer/diffusion_pytorch_model.safetensors is {size // 2} bytes but "
+            f"its header describes {size} (truncated or overwritten)")
     assert said in capsys.readouterr().err
     assert said in (tmp_path / "logs" / "train.log").read_text()
