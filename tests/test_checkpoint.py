@@ -197,13 +197,16 @@ def _truncate(file: Path, keep: int | None = None) -> None:
 
 CORRUPTIONS = {
     "weights-truncated-mid-data": (lambda d: _truncate(d / "transformer" / ckpt.WEIGHTS_NAME),
-                                   "diffusion_pytorch_model.safetensors is 64020 bytes but its header describes 128040"),
+                                   "transformer/diffusion_pytorch_model.safetensors is 64020 bytes but its header "
+                                   "describes 128040"),
     "weights-truncated-in-header": (lambda d: _truncate(d / "transformer" / ckpt.WEIGHTS_NAME, 50),
                                     "shorter than its header"),
     "weights-file-missing": (lambda d: (d / "transformer" / ckpt.WEIGHTS_NAME).unlink(),
                              "holds no diffusion_pytorch_model.safetensors"),
-    "optimizer-truncated": (lambda d: _truncate(d / ckpt.OPTIMIZER_TENSORS), "optimizer.safetensors is 128968 bytes but"),
-    "optimizer-json-missing": (lambda d: (d / ckpt.OPTIMIZER_META).unlink(), "only one of optimizer.safetensors and optimizer.json is there"),
+    "optimizer-truncated": (lambda d: _truncate(d / ckpt.OPTIMIZER_TENSORS),
+                            "optimizer.safetensors is 128968 bytes but"),
+    "optimizer-json-missing": (lambda d: (d / ckpt.OPTIMIZER_META).unlink(),
+                               "only one of optimizer.safetensors and optimizer.json is there"),
     "optimizer-json-garbled": (lambda d: (d / ckpt.OPTIMIZER_META).write_text('{"class": "Ad'),
                                "optimizer.json is not valid JSON"),
     "state-json-garbled": (lambda d: (d / ckpt.STATE_FILE).write_text("{"), "state.json is not valid JSON"),

@@ -35,7 +35,8 @@ def _allowed(policies, target, peer_labels, port, namespace=NS, named=None) -> b
 
 # ------------------------------------------------------------------------------ the evaluator's semantics
 def test_network_policy_evaluator_follows_kubernetes_semantics() -> None:
-    only_ray = _policy({"podSelector": {"matchLabels": RAY}, "ingress": [{"from": [{"podSelector": {"matchLabels": RAY}}]}]})
+    only_ray = _policy({"podSelector": {"matchLabels": RAY},
+                        "ingress": [{"from": [{"podSelector": {"matchLabels": RAY}}]}]})
     # a pod no policy selects is open; a selected one only to what a rule admits
     assert _allowed([only_ray], {"app": "web"}, {"app": "x"}, 80)
     assert not _allowed([only_ray], HEAD, {"app": "x"}, 6379) and _allowed([only_ray], HEAD, WORKER, 6379)

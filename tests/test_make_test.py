@@ -42,8 +42,8 @@ def test_make_test_without_prometheus_as_a_plain_user_stops_in_seconds_with_the_
             path.chmod(0o755) if path.is_dir() else None
         before = _tree(work)
         start = time.monotonic()
-        proc = subprocess.run(_as_a_user() + [str(bin_dir / "make"), "test"], cwd=work, capture_output=True, text=True, timeout=60,
-                              env={"PATH": str(bin_dir), "HOME": str(work), "PYTHON": "python3"})
+        proc = subprocess.run(_as_a_user() + [str(bin_dir / "make"), "test"], cwd=work, capture_output=True,
+                              text=True, timeout=60, env={"PATH": str(bin_dir), "HOME": str(work), "PYTHON": "python3"})
         elapsed = time.monotonic() - start
     finally:
         after = _tree(work)

@@ -36,7 +36,8 @@ def _where_ray_runs() -> dict[str, Any]:
 
 def _assert_private(seen: dict[str, Any], head_address: str) -> None:
     assert seen["gcs"] != head_address and seen["gcs"].startswith("127.0.0.1:")
-    assert HEAD_RESOURCE not in seen["resources"] and seen["resources"]["CPU"] == 2  # cluster.num_cpus, not the head's 1
+    assert HEAD_RESOURCE not in seen["resources"]
+    assert seen["resources"]["CPU"] == 2  # cluster.num_cpus, not the head's 1
     assert seen["node_ips"] == ["127.0.0.1"]
 
 
