@@ -1,6 +1,7 @@
 # Two entry points, each bootstraps its own virtualenv from nothing.
 #   make demo   train the toy world with Euphonium on an embedded local Ray
-#   make test   run the whole test suite (unit, Ray end-to-end, slow suites)
+#   make test   run the whole test suite (unit, Ray end-to-end, slow suites); installs Debian's prometheus as
+#               root, else stops at once with the command to run (scripts/test_prereqs.sh)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast venv vllm-env clean
+.PHONY: demo test test-suite test-fast venv vllm-env clean
 
 venv: $(STAMP)
 
@@ -29,8 +30,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/euphonium-ray train --config configs/toy.yaml
 
+# System packages first (installed as root with apt, else one line with the command to run), then the suite.
 # Ray binds the machine's address; where we may, the tests run in a loopback-only network namespace.
-test: $(STAMP) vllm-env
+test:
+	PYTHON=$(PYTHON) sh scripts/test_prereqs.sh
+	$(MAKE) --no-print-directory test-suite
+
+test-suite: $(STAMP) vllm-env
 	sh scripts/loopback.sh $(PY) -m pytest -q tests
 
 test-fast: $(STAMP)

@@ -10,7 +10,8 @@
 #   --pip           nodes run a stock Ray image: install the dependencies per job (deploy/runtime_env.pip.yaml)
 #                   instead of relying on the project being installed (deploy/runtime_env.yaml)
 #   --no-wait       return once submitted; follow with `ray job logs --follow --address URL ID`
-# Environment: RAY (the ray command, default `ray`).
+# Environment: RAY (the ray command, default `ray`); for a cluster with token authentication (the KubeRay
+# manifests) RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (its Secret's auth_token), which `ray job submit` reads.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,7 +21,7 @@ runtime_env=$here/runtime_env.yaml
 launcher=(euphonium-ray train)
 extra=()
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case $1 in

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -290,14 +290,84 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return _read_json(Path(path) / STATE_FILE, f"not a checkpoint (no {STATE_FILE}): {Path(path)}")
 
 
-def resolve_checkpoint(root_or_path: str | Path, which: str = "latest") -> Path:
-    """``which="latest"``: the newest checkpoint under a run folder; otherwise ``root_or_path`` is a step folder."""
-    if which == "latest":
-        found = latest_checkpoint(root_or_path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint under {checkpoints_dir(root_or_path)}")
-        return found
-    return Path(root_or_path)
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file is unreadable, from its header alone (no tensor is loaded): the file must be exactly
+    8 bytes + the header + the data the header describes, so a truncated or padded file is caught."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            prefix = fh.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < length <= size - 8:
+                return f"{file} is truncated ({size} bytes, shorter than its header)"
+            header = json.loads(fh.read(length))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return f"{file} has no readable safetensors header ({type(exc).__name__}: {exc})"
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        return f"{file} is {size} bytes but its header describes {expected} (truncated or overwritten)"
+    return None
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a step folder cannot be resumed from, or None: its state.json names its step, the transformer weights
+    exist, the optimizer files come as a pair, and every JSON and safetensors file under it is whole. Reads file
+    headers only, so checking a multi-GB checkpoint takes milliseconds. Files are named relative to the folder."""
+    problem = _checkpoint_problem(Path(folder))
+    return problem.replace(f"{Path(folder)}{os.sep}", "") if problem else None
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    try:
+        state = read_state(folder)
+    except CheckpointError as exc:
+        return str(exc)
+    match = STEP_DIR.match(folder.name)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{folder / STATE_FILE} has no integer 'step'"
+    if match and int(match.group(1)) != state["step"]:
+        return f"{folder / STATE_FILE} says step {state['step']}, the folder name says {match.group(1)}"
+    weights = folder / "transformer"
+    if not (weights / WEIGHTS_NAME).is_file() and not (weights / WEIGHTS_INDEX_NAME).is_file():
+        return f"{weights} holds no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME})"
+    if (folder / OPTIMIZER_TENSORS).is_file() != (folder / OPTIMIZER_META).is_file():
+        return f"only one of {OPTIMIZER_TENSORS} and {OPTIMIZER_META} is there"
+    for file in sorted(folder.rglob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"{file} is not valid JSON ({exc})"
+    for file in sorted(folder.rglob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+def resolve_checkpoint(root_or_path: str | Path, which: str = "latest",
+                       on_skip: Callable[[Path, str], None] | None = None) -> Path:
+    """``which="latest"``: the newest checkpoint under a run folder that passes ``checkpoint_problem``; each newer
+    one that does not is reported through ``on_skip(folder, why)`` and passed over. Otherwise ``root_or_path`` is a
+    step folder, which must pass the same check."""
+    if which != "latest":
+        folder = Path(root_or_path)
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise CheckpointError(f"cannot resume from {folder}: {problem}")
+        return folder
+    found = list_checkpoints(root_or_path)
+    if not found:
+        raise CheckpointError(f"no checkpoint under {checkpoints_dir(root_or_path)}")
+    skipped = []
+    for _, folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        skipped.append(f"{folder.name} ({problem})")
+        if on_skip is not None:
+            on_skip(folder, problem)
+    raise CheckpointError(f"no complete checkpoint under {checkpoints_dir(root_or_path)}: " + "; ".join(skipped))
 
 
 def load_checkpoint(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -531,14 +532,25 @@ def _check_keys(tree: Mapping[str, Any], model: type[BaseModel], prefix: str = "
             _check_keys(value, ann, dotted + ".")
 
 
-def _format_validation_error(err: ValidationError) -> ConfigError:
+def _env_source(loc: str, msg: str, origins: Mapping[str, str]) -> str:
+    """' (from NAME=value)' when the offending key (or, for a cross-field rule, a key the message names) was set
+    by an upstream environment variable."""
+    for key, source in origins.items():
+        named = re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", msg)
+        if (loc and (loc == key or loc.startswith(key + "."))) or (not loc and named):
+            return f" (from {source})"
+    return ""
+
+
+def _format_validation_error(err: ValidationError, origins: Mapping[str, str] | None = None) -> ConfigError:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = f" (got {got!r})" if not isinstance(got, (dict, list)) and loc else ""
-        lines.append(f"{loc}: {msg}{shown}" if loc else msg)
+        line = f"{loc}: {msg}{shown}" if loc else msg
+        lines.append(line + _env_source(loc, msg, origins or {}))
     return ConfigError("invalid config: " + "; ".join(lines))
 
 
@@ -555,20 +567,28 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            raise ConfigError(f"config file {p} is empty (no keys at all); start from configs/toy.yaml")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         tree = loaded
     _check_keys(tree, RunConfig)
     layers: list[tuple[str, Any]] = []
+    origins: dict[str, str] = {}  # config key -> the upstream variable that set it, for error messages
     if use_env:
         layers.extend(env_overrides(environ).items())
-    layers.extend(parse_set(item) for item in (overrides or []))
+        env = os.environ if environ is None else environ
+        origins = {key: f"{name}={env[name]!r}" for name, (key, _) in UPSTREAM_ENV.items() if name in env}
+    sets = [parse_set(item) for item in (overrides or [])]
+    layers.extend(sets)
     for key, value in layers:
         _check_keys(_nest(key, value), RunConfig)
         _set_dotted(tree, key, value)
+    for key, _ in sets:  # --set wins over the environment
+        origins = {k: v for k, v in origins.items() if not (k == key or k.startswith(key + "."))}
     try:
         load_plugins(tree.get("plugins") or [])
     except RegistryError as exc:
@@ -576,7 +596,7 @@ def load_config(
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise _format_validation_error(err) from None
+        raise _format_validation_error(err, origins) from None
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:

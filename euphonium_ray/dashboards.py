@@ -8,11 +8,13 @@ with grafana-client; ``euphonium-ray dashboards build|push|docs`` is the command
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -326,22 +328,64 @@ def _read_dashboard_file(path: str) -> dict[str, Any]:
     return board
 
 
+def _shown(parts: urllib.parse.SplitResult) -> str:
+    """A URL as it may be printed: no user, password, query or fragment."""
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def grafana_url(raw: str, allow_http: bool = False) -> str:
+    """The base URL to push to. No scheme means https; plain http only to this machine or with ``allow_http``,
+    since the token travels with the request; credentials in the URL are refused (the token comes from the
+    environment). Errors (ValueError) never repeat a password or a query string."""
+    url = raw.strip() if "://" in raw else f"https://{raw.strip()}"
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError(f"--url {_shown(parts._replace(netloc=parts.hostname or ''))} has an invalid port") from None
+    if parts.username or parts.password:
+        raise ValueError(f"--url {_shown(parts)} carries credentials (user:password@); give only the address, the "
+                         f"token comes from ${TOKEN_ENV}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--url {_shown(parts)!r} is not an http(s) URL of a Grafana server")
+    if parts.scheme == "http" and not allow_http and not _loopback(parts.hostname):
+        raise ValueError(f"--url {_shown(parts)} is plain http: the token would cross the network unencrypted; "
+                         "use https (the default without a scheme), or pass --allow-http on a network you trust")
+    return url
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _redacted(text: str, *secrets: str) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _push_main(args: argparse.Namespace) -> int:
     token = os.environ.get(args.token_env, "")
     if not token:
         print(f"error: {args.token_env} is not set: export a Grafana service-account token in it", file=sys.stderr)
         return 2
-    if not re.match(r"^https?://[^/]+", args.url):
-        print(f"error: --url {args.url!r} is not an http(s) URL of a Grafana server", file=sys.stderr)
-        return 2
     try:
+        url = grafana_url(args.url, args.allow_http)
         board = _read_dashboard_file(args.file) if args.file else None
-        answer = push_dashboard(args.url, token, args.folder_uid, board, args.timeout)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    parts = urllib.parse.urlsplit(url)
+    try:
+        answer = push_dashboard(url, token, args.folder_uid, board, args.timeout)
     except Exception as exc:  # grafana-client raises its own errors and niquests' connection errors
-        print(f"error: pushing the dashboard to {args.url} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        why = _redacted(f"{type(exc).__name__}: {exc}", token, parts.query, parts.fragment)
+        print(f"error: pushing the dashboard to {_shown(parts)} failed: {why}", file=sys.stderr)
         return 1
     print(f"pushed dashboard uid={answer.get('uid', DASHBOARD_UID)} version={answer.get('version')} "
           f"url={answer.get('url', '')}")
@@ -360,7 +404,10 @@ def main(argv: list[str]) -> int:
     docs.add_argument("--out", default=str(DEFAULT_DOCS))
     docs.add_argument("--check", action="store_true", help="exit 1 if the file differs instead of writing it")
     push = sub.add_parser("push", help="upload the dashboard to a Grafana server with grafana-client")
-    push.add_argument("--url", required=True, help="Grafana base URL, e.g. http://grafana.monitoring:3000")
+    push.add_argument("--url", required=True,
+                      help="Grafana base URL, e.g. https://grafana.monitoring:3000 (no scheme: https)")
+    push.add_argument("--allow-http", action="store_true",
+                      help="allow plain http to another machine (the token is then sent unencrypted)")
     push.add_argument("--token-env", default=TOKEN_ENV, help=f"variable holding the API token (default {TOKEN_ENV})")
     push.add_argument("--folder-uid", default=None, help="Grafana folder to put the dashboard in")
     push.add_argument("--file", default=None, help="push this dashboard JSON instead of generating it")

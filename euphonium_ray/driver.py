@@ -10,6 +10,7 @@ ratio corrects that). Outputs land under ``output.dir`` (see ``run_logging.py`` 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from euphonium_ray.config import ConfigError, RunConfig, load_config
 from euphonium_ray.learning import compute_advantages
+from euphonium_ray.ray_output import send_worker_output_to
 
 __all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
 
@@ -116,7 +118,10 @@ def prepare_inputs(cfg: RunConfig, log: Callable[[str], None] = print) -> tuple[
 
 # --------------------------------------------------------------------------------------------------- ray
 def connect(cfg: RunConfig, address: str | None) -> bool:
-    """Join the given cluster, or start an embedded one. Returns True when this call started Ray."""
+    """Join the given cluster, or start a private local one. Returns True when this call started Ray.
+
+    Without an address, ``ray.init()`` would attach to a ``ray start --head`` of this machine, or try a stale
+    record of one in Ray's temp folder; ``address="local"`` always starts a new instance, bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
@@ -125,11 +130,28 @@ def connect(cfg: RunConfig, address: str | None) -> bool:
     if target:
         ray.init(address=target, log_to_driver=True)
         return False
-    # An embedded Ray is one machine's: bind it to loopback rather than to whatever address Ray guesses (on a
-    # machine without a network its guess falls back to hostname resolution, which may name no usable interface).
-    ray.init(num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
-             _node_ip_address="127.0.0.1")
+    # bound to loopback rather than to whatever address Ray guesses (on a machine without a network its guess falls
+    # back to hostname resolution, which may name no usable interface)
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
+             _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, logging_level=logging.WARNING)
     return True
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def private_ray_note() -> str:
+    """What the private local Ray exposes, said once at start (ray.init sets RAY_AUTH_MODE when it was unset)."""
+    auth = os.environ.get("RAY_AUTH_MODE", "").lower()
+    guard = ("token authentication on" if auth == "token" else
+             f"token authentication off (RAY_AUTH_MODE={auth or 'unset'}): any process on this machine can reach it")
+    try:  # Ray's own start-up line, which said where the dashboard is, is silenced with the rest of its INFO
+        from ray._private.worker import get_dashboard_url
+
+        dashboard = f"; dashboard http://{get_dashboard_url()}" if get_dashboard_url() else ""
+    except Exception:  # noqa: BLE001 (a Ray without it: the note simply leaves the dashboard out)
+        dashboard = ""
+    return f"started a private local Ray on {LOOPBACK} only; {guard}{dashboard}"
 
 
 def weight_sync_backend(cfg: RunConfig) -> str:
@@ -160,20 +182,29 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     cfg = resolve_paths(cfg)
     hook = on_event or (lambda *a: None)
     out = Path(cfg.output.dir)
-    start, resume_path = 0, None
+    start, resume_path, skipped = 0, None, []
     if resume:
         try:
-            resume_path = str(resolve_checkpoint(out, "latest") if resume == "latest" else resolve_checkpoint(resume, ""))
+            resume_path = str(resolve_checkpoint(out, "latest", lambda f, why: skipped.append(
+                f"skipped checkpoint {f}: {why}")) if resume == "latest" else resolve_checkpoint(resume, ""))
             start = int(read_state(resume_path)["step"])
         except CheckpointError as exc:
             raise RunError(f"--resume {resume}: {exc}") from None
         if start >= cfg.steps:
             raise RunError(f"checkpoint {resume_path} is at step {start}, not before steps={cfg.steps}")
-    logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
-                       progress=progress)
+    try:
+        logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
+                           progress=progress)
+    except OSError as exc:  # read-only, no permission, a file in the way, disk full
+        raise RunError(f"output.dir {out} cannot be written: {exc.strerror or exc} ({exc.filename or out})") from None
+    for line in skipped:
+        logger.warning(line)
     try:
         dataset, eval_set, pooled, latent_shape = prepare_inputs(cfg, logger.info)
         started_ray = connect(cfg, address)
+        logger.on_close(send_worker_output_to(logger.logs / "ray.log"))
+        if started_ray:
+            logger.info(private_ray_note())
         check_cluster(cfg)
         metrics = RayMetrics("driver")
         backend = weight_sync_backend(cfg)
@@ -239,11 +270,11 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
         return summary
     finally:
         system.close()
-        logger.close()
         if started_ray:
             import ray
 
             ray.shutdown()
+        logger.close()  # after Ray: what its workers print while stopping still goes to logs/ray.log
 
 
 # ---------------------------------------------------------------------------------------------------- cli

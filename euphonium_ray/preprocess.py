@@ -123,8 +123,12 @@ def preprocess_prompts(
     max_tokens: int = 256,
     progress: bool = True,
     ray_init: dict[str, Any] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
-    """Encode every prompt not yet written and (re)write the index; returns the path of ``videos2caption.json``."""
+    """Encode every prompt not yet written and (re)write the index; returns the path of ``videos2caption.json``.
+
+    A prompt longer than the LLM's ``max_tokens`` window is encoded cut; ``warn`` (default: stderr) gets one line
+    per such prompt, and the index keeps the caption that was encoded, not the whole line."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -138,8 +142,13 @@ def preprocess_prompts(
         raise DataError(f"model folder not found: {model_dir}")
     (out / EMBED_DIR).mkdir(parents=True, exist_ok=True)
     (out / MASK_DIR).mkdir(parents=True, exist_ok=True)
-    from euphonium_ray.models.text import VIDEO_PROMPT_TEMPLATE
+    from euphonium_ray.models.text import VIDEO_PROMPT_TEMPLATE, load_tokenizers, prompt_windows
 
+    windows = prompt_windows(*load_tokenizers(model_dir), prompts, template=template or VIDEO_PROMPT_TEMPLATE,
+                             max_tokens=max_tokens)
+    for i, (prompt, window) in enumerate(zip(prompts, windows)):
+        if window.dropped or window.clip_dropped:
+            (warn or _warn_stderr)(truncation_note(i, prompt, window, max_tokens))
     settings = {"model": str(model_dir), "template": template or VIDEO_PROMPT_TEMPLATE, "dtype": dtype, "save_dtype": save_dtype,
                 "max_tokens": max_tokens}
     digests = [prompt_digest(p, settings) for p in prompts]
@@ -165,12 +174,30 @@ def preprocess_prompts(
             bar.update(len(batch))
     bar.close()
     entries = [
-        {EMBED_KEY: str(out / EMBED_DIR / f"{i}.pt"), MASK_KEY: str(out / MASK_DIR / f"{i}.pt"), CAPTION_KEY: p}
-        for i, p in enumerate(prompts)
+        {EMBED_KEY: str(out / EMBED_DIR / f"{i}.pt"), MASK_KEY: str(out / MASK_DIR / f"{i}.pt"),
+         CAPTION_KEY: windows[i].caption}
+        for i in range(len(prompts))
     ]
     index = out / INDEX_FILE
     write_json(index, entries)
     return index
+
+
+def truncation_note(index: int, prompt: str, window, max_tokens: int) -> str:
+    """One line: which prompt lost how many tokens to which window, and what the index keeps."""
+    head = prompt if len(prompt) <= 48 else prompt[:45] + "..."
+    parts = []
+    if window.dropped:
+        parts.append(f"the text encoder's {max_tokens}-token window dropped {window.dropped} of its {window.tokens} "
+                     f"tokens (videos2caption.json keeps the encoded part, {len(window.caption)} of "
+                     f"{len(prompt)} characters)")
+    if window.clip_dropped:
+        parts.append(f"CLIP's window dropped {window.clip_dropped} of {window.clip_tokens} tokens")
+    return f"prompt {index} ({head!r}): " + "; ".join(parts)
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _run_on_ray(batches: list[list[int]], prompts: list[str], args: tuple, workers: int,

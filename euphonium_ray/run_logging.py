@@ -1,7 +1,8 @@
 """What a training run leaves on disk and on the terminal: TensorBoard scalars, JSONL logs, a text log,
 sample GIFs, and a progress bar with reward, step time and ETA.
 
-Layout under ``output.dir``: ``tensorboard/``, ``logs/train.log``, ``logs/steps.jsonl`` (every scalar of a step),
+Layout under ``output.dir``: ``tensorboard/``, ``logs/train.log``, ``logs/ray.log`` (what Ray's workers print, see
+``ray_output.py``), ``logs/steps.jsonl`` (every scalar of a step),
 ``logs/rewards.jsonl`` (per-sample rewards of a step), ``samples/step-N.gif``.
 """
 
@@ -12,7 +13,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -80,6 +81,7 @@ class RunLogger:
             stream.setFormatter(logging.Formatter("[euphonium] %(message)s"))
             self.log.addHandler(stream)
             self._handlers.append(stream)
+        self._on_close: list[Callable[[], None]] = []
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -127,7 +129,14 @@ class RunLogger:
     def video(self, step: int, videos: Tensor, tag: str = "samples") -> Path:
         return write_video_gif(videos, self.samples / f"{tag}-step-{step}.gif")
 
+    def on_close(self, action: Callable[[], None]) -> None:
+        """Run ``action`` when the run's logging closes (e.g. give Ray its console back)."""
+        self._on_close.append(action)
+
     def close(self) -> None:
+        for action in self._on_close:
+            action()
+        self._on_close.clear()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

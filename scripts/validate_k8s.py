@@ -6,6 +6,8 @@ There is no Kubernetes API server here, so this does its checks itself:
   keys unique, CEL rules (``x-kubernetes-validations``) evaluated with cel-python;
 - built-in kinds with kubernetes-validate in strict mode;
 - the project's deployment rules (GPU worker groups have GPUs, dashboard stays ClusterIP, the RayJob cleans up);
+- who can reach it (scripts/k8s_access.py): Ray token auth from a Secret, no other Secret in a Ray pod, https Grafana
+  URLs, and NetworkPolicies that keep every pod outside the deployment off Ray's ports;
 - the run config's placement (cluster.resources) fits the worker groups' custom resources, GPUs and CPUs.
 
 Usage: python scripts/validate_k8s.py [--crds DIR] [--config configs/hunyuan_kuberay.yaml] [KUSTOMIZE_DIR ...]
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,8 +31,12 @@ import celpy
 import jsonschema
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import k8s_access  # noqa: E402  (who can reach the deployment: token auth, Secrets, NetworkPolicies)
+
 REPO = Path(__file__).resolve().parents[1]
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"  # ../shared/kuberay-crds from the repository root
+# ../shared/kuberay-crds from the repository root; KUBERAY_CRDS names another folder (e.g. from a git worktree)
+CRD_DIR = Path(os.environ.get("KUBERAY_CRDS") or REPO.parent / "shared" / "kuberay-crds")
 GPU = "nvidia.com/gpu"
 GPU_GROUPS = ("rollout", "reward", "learner")  # worker groups that exist to hold GPUs
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -256,6 +263,7 @@ def project_errors(objs: list[dict[str, Any]]) -> list[str]:
                 errors.append(f"RayJob/{name}: spec.shutdownAfterJobFinishes must be true (free the GPUs)")
             if int(spec.get("ttlSecondsAfterFinished", 0)) <= 0:
                 errors.append(f"RayJob/{name}: spec.ttlSecondsAfterFinished must be > 0 (time to read the logs)")
+    errors += k8s_access.access_errors(objs)
     for where, spec in cluster_specs(objs):
         head = spec.get("headGroupSpec", {})
         if head.get("serviceType", "ClusterIP") != "ClusterIP" or head.get("enableIngress"):

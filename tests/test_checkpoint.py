@@ -179,3 +179,73 @@ def test_sharded_diffusers_transformer_folder_is_read_whole(model_dir, tmp_path)
     state = ckpt.read_transformer_weights(tmp_path / "sharded")
     assert set(state) == set(model.state_dict())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------- --resume latest fallback
+def _three_checkpoints(model_dir: Path, root: Path) -> dict[int, Path]:
+    policy = load_policy(model_dir)
+    opt = adamw(policy)
+    train_step(policy, opt, 0)
+    return {step: save_checkpoint(root, step, policy, opt, {"seed": 1}) for step in (1, 2, 3)}
+
+
+def _truncate(file: Path, keep: int | None = None) -> None:
+    """Cut a file to ``keep`` bytes (default: half of it, which is past the header and inside the tensor data)."""
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+CORRUPTIONS = {
+    "weights-truncated-mid-data": (lambda d: _truncate(d / "transformer" / ckpt.WEIGHTS_NAME),
+                                   "transformer/diffusion_pytorch_model.safetensors is 64020 bytes but its header "
+                                   "describes 128040"),
+    "weights-truncated-in-header": (lambda d: _truncate(d / "transformer" / ckpt.WEIGHTS_NAME, 50),
+                                    "shorter than its header"),
+    "weights-file-missing": (lambda d: (d / "transformer" / ckpt.WEIGHTS_NAME).unlink(),
+                             "holds no diffusion_pytorch_model.safetensors"),
+    "optimizer-truncated": (lambda d: _truncate(d / ckpt.OPTIMIZER_TENSORS),
+                            "optimizer.safetensors is 128968 bytes but"),
+    "optimizer-json-missing": (lambda d: (d / ckpt.OPTIMIZER_META).unlink(),
+                               "only one of optimizer.safetensors and optimizer.json is there"),
+    "optimizer-json-garbled": (lambda d: (d / ckpt.OPTIMIZER_META).write_text('{"class": "Ad'),
+                               "optimizer.json is not valid JSON"),
+    "state-json-garbled": (lambda d: (d / ckpt.STATE_FILE).write_text("{"), "state.json is not valid JSON"),
+    "state-of-another-step": (lambda d: (d / ckpt.STATE_FILE).write_text('{"step": 7}'),
+                              "state.json says step 7, the folder name says 3"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS), ids=list(CORRUPTIONS))
+def test_resume_latest_skips_a_corrupt_newest_checkpoint_names_it_and_why_and_takes_the_newest_complete_one(
+    model_dir, tmp_path, corruption
+):
+    paths = _three_checkpoints(model_dir, tmp_path)
+    damage, why = CORRUPTIONS[corruption]
+    damage(paths[3])
+    before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file())
+    skipped: list[tuple[Path, str]] = []
+    assert resolve_checkpoint(tmp_path, "latest", lambda f, w: skipped.append((f, w))) == paths[2]
+    [(folder, reason)] = skipped
+    assert folder == paths[3] and why in reason, reason
+    assert ckpt.checkpoint_problem(paths[2]) is None and ckpt.checkpoint_problem(paths[1]) is None
+    # the skipped folder is left as it was (for inspection); nothing on disk changed
+    assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file()) == before
+    # and the checkpoint it picked really loads
+    policy = load_policy(model_dir)
+    assert load_checkpoint(paths[2], policy, adamw(policy))["step"] == 2
+
+
+def test_resume_latest_with_every_checkpoint_corrupt_lists_each_and_an_explicit_corrupt_folder_is_refused(
+    model_dir, tmp_path
+):
+    paths = _three_checkpoints(model_dir, tmp_path)
+    for path in paths.values():
+        _truncate(path / "transformer" / ckpt.WEIGHTS_NAME)
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint(tmp_path, "latest")
+    message = str(err.value)
+    assert message.startswith(f"no complete checkpoint under {tmp_path / 'checkpoints'}: step-3 (transformer/")
+    assert all(f"step-{s} (" in message for s in (1, 2, 3)) and "\n" not in message
+    with pytest.raises(CheckpointError, match=f"cannot resume from {paths[2]}: transformer/diffusion_pytorch_model."
+                                              "safetensors is 64020 bytes but its header describes 128040"):
+        resolve_checkpoint(paths[2], "")

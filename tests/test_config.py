@@ -127,6 +127,46 @@ def test_non_boolean_env_value_names_the_variable() -> None:
         env_overrides({"PROCESS_LATENT_REWARD_NORMALIZE_GRADIENT": "maybe"})
 
 
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TRL_DTYPE": "fp8"},
+         "rewards.orm.dtype: Input should be 'fp32' or 'bf16' (got 'fp8') (from TRL_DTYPE='fp8')"),
+        ({"TRL_PROMPT_VARIANT": "bogus"},
+         "rewards.orm.prompt_variant: Input should be 'deformity_physics' or 'ta' (got 'bogus') "
+         "(from TRL_PROMPT_VARIANT='bogus')"),
+        ({"PROCESS_LATENT_REWARD_KL_BETA": "0"},
+         "rgg.kl_beta: Input should be greater than 0 (got 0.0) (from PROCESS_LATENT_REWARD_KL_BETA='0')"),
+        ({"SPSA_REWARD_NUM_SAMPLES": "0"},
+         "spsa.num_samples: Input should be greater than or equal to 1 (got 0) (from SPSA_REWARD_NUM_SAMPLES='0')"),
+        # a rule across fields (no single location): the variable is found by the key the message names
+        ({"PROCESS_LATENT_REWARD_START_STEP": "99", "PROCESS_LATENT_REWARD_GUIDANCE_SCALE": "-1"},
+         "rgg.start=99 is past the last sampling step (sampler.num_steps=16) "
+         "(from PROCESS_LATENT_REWARD_START_STEP='99')"),
+    ],
+    ids=["orm-dtype", "prompt-variant", "kl-beta", "spsa-samples", "start-step"],
+)
+def test_an_invalid_value_from_an_upstream_environment_variable_names_the_variable(environ, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ=environ)
+    assert str(info.value) == f"invalid config: {message}"
+    # the same bad value typed with --set is the user's own: no variable is blamed
+    key = message.split(":")[0].split("=")[0]
+    value = next(iter(environ.values()))
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}={value}"], environ=environ)
+    assert "(from " not in str(info.value)
+
+
+def test_an_empty_config_file_says_it_is_empty(tmp_path: Path) -> None:
+    for text in ("", "\n\n", "# nothing but a comment\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path, use_env=False)
+        assert str(info.value) == f"config file {path} is empty (no keys at all); start from configs/toy.yaml"
+
+
 def test_unknown_key_names_the_nearest_valid_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown config key 'rgg.scal'; did you mean 'rgg.scale'"):
         load_config(None, ["rgg.scal=1"], use_env=False)

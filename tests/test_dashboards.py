@@ -250,3 +250,45 @@ def test_catalog_names_and_descriptions_are_ascii_as_ray_metrics_require() -> No
     # UnicodeEncodeError, which killed the submitted job before any metric was exported (seen on a real head).
     for m in METRICS:
         assert m.name.isascii() and m.description.isascii() and all(t.isascii() for t in m.tags), m.name
+
+
+# ------------------------------------------------------------------------------- URLs and credentials
+def test_push_url_defaults_to_https_and_plain_http_is_only_for_this_machine() -> None:
+    assert dashboards.grafana_url("grafana.example.com") == "https://grafana.example.com"
+    assert dashboards.grafana_url("grafana.monitoring.svc:3000") == "https://grafana.monitoring.svc:3000"
+    assert dashboards.grafana_url("http://127.0.0.1:3000") == "http://127.0.0.1:3000"
+    assert dashboards.grafana_url("http://localhost:3000") == "http://localhost:3000"
+    assert dashboards.grafana_url("http://grafana.lan:3000", allow_http=True) == "http://grafana.lan:3000"
+    with pytest.raises(ValueError, match=r"^--url http://grafana.lan:3000 is plain http: the token would cross"):
+        dashboards.grafana_url("http://grafana.lan:3000")
+
+
+def test_push_refuses_plain_http_to_another_machine_before_sending_anything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GRAFANA_TOKEN", "glsa_never_sent_42")
+    assert dashboards.main(["push", "--url", "http://192.0.2.10:3000", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: --url http://192.0.2.10:3000 is plain http: the token would cross the network "
+                                "unencrypted; use https (the default without a scheme), or pass --allow-http on a "
+                                "network you trust"]
+
+
+@pytest.mark.parametrize("grafana_stand_in", [401], indirect=True)
+def test_push_errors_never_echo_the_token_or_credentials_in_the_url(
+    grafana_stand_in: RecordingGrafanaStandIn, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = "glsa_SECRET_5f3a9c"
+    monkeypatch.setenv("GRAFANA_TOKEN", token)
+    host = grafana_stand_in.url.removeprefix("http://")
+    cases = {  # url -> expected exit code
+        f"http://admin:hunter2@{host}": 2,  # credentials in the URL: refused, and not repeated
+        f"http://{host}/?auth={token}&pw=hunter2": 1,  # rejected by the stand-in (401); query dropped from messages
+        f"http://127.0.0.1:9/x?auth={token}": 1,  # nothing listens: a connection error
+    }
+    for url, code in cases.items():
+        assert dashboards.main(["push", "--url", url, "--timeout", "2"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        assert token not in err and "hunter2" not in err and "admin" not in err, err
+    assert len(grafana_stand_in.requests) == 1  # only the one with a clean address reached the server

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CONFIG = REPO / "configs" / "hunyuan_kuberay.yaml"
 SECRET_EXAMPLE = K8S / "examples" / "grafana-token.secret.yaml"
+RAY_AUTH_EXAMPLE = K8S / "examples" / "ray-auth-token.secret.yaml"
 
 _spec = importlib.util.spec_from_file_location("validate_k8s", REPO / "scripts" / "validate_k8s.py")
 assert _spec and _spec.loader
@@ -82,8 +83,9 @@ ROLLOUT_GPU_LIMIT = (
 def test_kustomize_renders_the_training_job_and_the_standing_cluster_offline(
     job_objs: list[dict[str, Any]], cluster_objs: list[dict[str, Any]]
 ) -> None:
-    assert sorted(o["kind"] for o in job_objs) == ["Namespace", "PersistentVolumeClaim", "RayJob"]
-    assert sorted(o["kind"] for o in cluster_objs) == ["Namespace", "PersistentVolumeClaim", "RayCluster"]
+    policies = ["NetworkPolicy", "NetworkPolicy"]
+    assert sorted(o["kind"] for o in job_objs) == ["Namespace", *policies, "PersistentVolumeClaim", "RayJob"]
+    assert sorted(o["kind"] for o in cluster_objs) == ["Namespace", *policies, "PersistentVolumeClaim", "RayCluster"]
     for obj in job_objs + cluster_objs:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "euphonium"
@@ -100,7 +102,7 @@ def test_rayjob_starts_exactly_the_standing_clusters_spec(
     assert "euphonium-ray train --config /app/configs/hunyuan_kuberay.yaml" in job["spec"]["entrypoint"]
 
 
-def test_every_pod_mounts_the_shared_volume_and_the_head_reads_the_grafana_token_from_a_secret(
+def test_every_pod_mounts_the_shared_volume_and_carries_the_label_the_network_policies_select(
     cluster_objs: list[dict[str, Any]],
 ) -> None:
     spec = _one(cluster_objs, "RayCluster")["spec"]
@@ -110,9 +112,7 @@ def test_every_pod_mounts_the_shared_volume_and_the_head_reads_the_grafana_token
         claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in template["spec"]["volumes"]}
         assert claims["shared"] == pvc["metadata"]["name"]
         assert {"name": "shared", "mountPath": "/shared"} in template["spec"]["containers"][0]["volumeMounts"]
-    env = {e["name"]: e for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["GRAFANA_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "euphonium-grafana", "key": "token",
-                                                                   "optional": True}
+        assert template["metadata"]["labels"]["app.kubernetes.io/part-of"] == "euphonium-ray"
     assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
 
 
@@ -131,20 +131,27 @@ def test_kubernetes_validate_cli_strict_accepts_the_builtin_kinds(
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump_all(job_objs))
     cli = Path(sys.executable).parent / "kubernetes-validate"
-    out = subprocess.run([str(cli), "--strict", str(rendered), str(SECRET_EXAMPLE)], capture_output=True, text=True)
+    out = subprocess.run([str(cli), "--strict", str(rendered), str(SECRET_EXAMPLE), str(RAY_AUTH_EXAMPLE)],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "passed for resource namespace/euphonium" in out.stdout
     assert "passed for resource persistentvolumeclaim/euphonium-shared" in out.stdout
+    assert "passed for resource networkpolicy/euphonium-ray-nodes" in out.stdout
+    assert "passed for resource networkpolicy/euphonium-ray-head-dashboard" in out.stdout
     assert "passed for resource secret/euphonium-grafana" in out.stdout
+    assert "passed for resource secret/euphonium-ray-auth" in out.stdout
     # the CLI only warns on CRD kinds; that is why RayJob/RayCluster go through the CRD schemas above
     assert "WARN" in out.stdout and "RayJob" in out.stdout
 
 
-def test_the_grafana_secret_is_an_example_outside_the_kustomization(job_objs: list[dict[str, Any]]) -> None:
-    secret = yaml.safe_load(SECRET_EXAMPLE.read_text())
-    assert vk.validate_builtin(secret) == []
-    assert secret["stringData"]["token"].startswith("REPLACE")
-    assert all(o["kind"] != "Secret" for o in job_objs)
+def test_the_grafana_and_ray_token_secrets_are_examples_outside_the_kustomization(
+    job_objs: list[dict[str, Any]], cluster_objs: list[dict[str, Any]]
+) -> None:
+    for example, key in ((SECRET_EXAMPLE, "token"), (RAY_AUTH_EXAMPLE, "auth_token")):
+        secret = yaml.safe_load(example.read_text())
+        assert vk.validate_builtin(secret) == []
+        assert secret["stringData"][key].startswith("REPLACE")
+    assert all(o["kind"] != "Secret" for o in job_objs + cluster_objs)
 
 
 def test_schema_defaults_are_applied_before_validation(

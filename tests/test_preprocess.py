@@ -167,3 +167,49 @@ def test_preprocess_over_two_ray_workers_matches_in_process(text_dir, prompts_fi
                                    torch.load(eb["prompt_embed_path"], weights_only=True))
         torch.testing.assert_close(torch.load(ea["prompt_attention_mask"], weights_only=True),
                                    torch.load(eb["prompt_attention_mask"], weights_only=True))
+
+
+# ------------------------------------------------------------------------------- prompts past the window
+LONG = ("a red square moving left past a blue circle moving up while a green triangle moving down "
+        "turns yellow and the blue square moving right")  # 25 words, one token each for the tiny tokenizers
+
+
+def test_a_prompt_longer_than_the_window_is_named_with_its_dropped_tokens_and_the_index_keeps_what_was_encoded(
+    text_dir, tmp_path, capsys
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPTS[0]}\n{LONG}\n")
+    warnings: list[str] = []
+    index = preprocess_prompts(text_dir, prompts, tmp_path / "emb", max_tokens=10, save_dtype="fp32",
+                               progress=False, warn=warnings.append)
+    kept = " ".join(LONG.split()[:10])
+    assert warnings == [
+        f"prompt 1 ({LONG[:45] + '...'!r}): the text encoder's 10-token window dropped 15 of its 25 tokens "
+        f"(videos2caption.json keeps the encoded part, {len(kept)} of {len(LONG)} characters)"
+    ]
+    entries = json.loads(index.read_text())
+    assert [e["caption"] for e in entries] == [PROMPTS[0], kept]
+    # the kept caption is what the stored rows encode: encoding it alone gives the same LLM rows and mask
+    again = HunyuanTextEncoder.from_pretrained(text_dir, max_tokens=10).encode([kept], out_dtype=torch.float32)
+    stored = torch.load(entries[1]["prompt_embed_path"], weights_only=True)
+    torch.testing.assert_close(stored[1:], again.prompt_embed[0, 1:])
+    assert torch.load(entries[1]["prompt_attention_mask"], weights_only=True).tolist() == [1] * 10
+
+    # the command line says it on stderr, once per cut prompt, and a rerun (nothing re-encoded) says it again
+    for _ in range(2):
+        code = preprocess_main(["--model", str(text_dir), "--prompts", str(prompts), "--out", str(tmp_path / "cli"),
+                                "--max-tokens", "10", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 0 and err.count("warning: prompt 1 (") == 1 and "dropped 15 of its 25 tokens" in err
+        assert json.loads((tmp_path / "cli" / "videos2caption.json").read_text())[1]["caption"] == kept
+
+
+def test_clip_window_overflow_is_named_while_the_llm_keeps_the_whole_prompt(text_dir, tmp_path):
+    words = LONG.split() * 4  # 100 words: over CLIP's 75 content tokens, under the LLM's 256 rows
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(" ".join(words) + "\n")
+    warnings: list[str] = []
+    index = preprocess_prompts(text_dir, prompts, tmp_path / "emb", progress=False, warn=warnings.append)
+    [note] = warnings
+    assert note.endswith("CLIP's window dropped 25 of 100 tokens") and "text encoder's" not in note
+    assert json.loads(index.read_text())[0]["caption"] == " ".join(words)

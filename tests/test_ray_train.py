@@ -202,3 +202,26 @@ def test_two_learners_over_gloo_share_the_groups_and_broadcast_the_trained_weigh
         # rank 0's share: 1 of the 2 groups (4 samples) × 4 of the 7 trainable transitions (fraction 0.6)
         assert s["learner/num_transitions"] == 16, s
         assert abs(s["learner/first_ratio_min"] - 1) < 1e-5 and abs(s["learner/first_ratio_max"] - 1) < 1e-5
+
+
+def test_resume_latest_skips_a_truncated_newest_checkpoint_and_continues_from_the_newest_complete_one(
+    baseline, tmp_path, capsys
+):
+    import shutil
+
+    shutil.copytree(baseline["out"] / "checkpoints", tmp_path / "checkpoints")
+    newest = tmp_path / "checkpoints" / f"step-{STEPS}"
+    weights = newest / "transformer" / "diffusion_pytorch_model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])  # a crash of the disk, not of our atomic save
+    cfg = baseline["cfg"].model_copy(deep=True)
+    cfg.output.dir = str(tmp_path)
+    summary = train(cfg, resume="latest", progress=False, evaluate=False)
+    # it went back to step 2 and trained steps 2 and 3 again, to exactly the uninterrupted run's weights
+    assert [h["step"] for h in summary["history"]] == list(range(STEPS // 2, STEPS))
+    ours, reference = _weights(tmp_path, STEPS), _weights(baseline["out"], STEPS)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    said = (f"skipped checkpoint {newest}: transformer/diffusion_pytorch_model.safetensors is {size // 2} bytes but "
+            f"its header describes {size} (truncated or overwritten)")
+    assert said in capsys.readouterr().err
+    assert said in (tmp_path / "logs" / "train.log").read_text()

@@ -61,6 +61,61 @@ def template_crop_length(tokenizer, template: str) -> int:
 
 
 @dataclass
+class PromptWindow:
+    """What of one prompt the encoders' windows hold: ``caption`` is the text the LLM rows encode (the whole prompt
+    unless it was cut), ``dropped`` its tokens beyond ``max_tokens``; ``clip_dropped`` the same for CLIP's 77."""
+
+    caption: str
+    tokens: int
+    dropped: int
+    clip_tokens: int
+    clip_dropped: int
+
+
+def _prompt_token_ends(tokenizer, template: str, prompt: str) -> list[int]:
+    """For every token of the templated text that comes from the prompt, the end of its span within the prompt;
+    tokens of the template itself are left out (they are matched by character offsets)."""
+    start = len(template.split("{}")[0])
+    encoded = tokenizer(template.format(prompt), add_special_tokens=True, return_offsets_mapping=True, verbose=False)
+    return [(min(end, start + len(prompt)) - start) if start <= lo < start + len(prompt) and end > lo else -1
+            for lo, end in encoded["offset_mapping"]]
+
+
+def prompt_windows(tokenizer, tokenizer_2, prompts: list[str], *, template: str = VIDEO_PROMPT_TEMPLATE,
+                   max_tokens: int = MAX_TOKENS, clip_max_length: int = CLIP_MAX_LENGTH) -> list[PromptWindow]:
+    """How much of each prompt fits the LLM's ``max_tokens`` rows after the template crop and CLIP's window, from
+    the tokenizers alone (no model runs). Needs fast tokenizers (character offsets)."""
+    crop = template_crop_length(tokenizer, template)
+    clip_specials = len(tokenizer_2("", add_special_tokens=True)["input_ids"])
+    windows = []
+    for prompt in prompts:
+        if getattr(tokenizer, "is_fast", False):
+            ends = _prompt_token_ends(tokenizer, template, prompt)
+            in_prompt = [end for end in ends if end >= 0]
+            kept = [end for pos, end in enumerate(ends) if end >= 0 and crop <= pos < crop + max_tokens]
+            caption = prompt if len(kept) == len(in_prompt) else prompt[: max(kept, default=0)].rstrip()
+        else:  # a slow tokenizer has no offsets: tokenise the prompt alone and decode what fits
+            ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+            in_prompt, kept = ids, ids[:max_tokens]
+            caption = prompt if len(kept) == len(ids) else tokenizer.decode(kept, skip_special_tokens=True).strip()
+        clip_tokens = len(tokenizer_2(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+        windows.append(PromptWindow(caption, len(in_prompt), len(in_prompt) - len(kept), clip_tokens,
+                                    max(0, clip_tokens - (clip_max_length - clip_specials))))
+    return windows
+
+
+def load_tokenizers(path: str | Path):
+    """``tokenizer/`` and ``tokenizer_2/`` of a model folder (the LLM's and CLIP's)."""
+    from transformers import AutoTokenizer
+
+    root = Path(path)
+    if not root.is_dir():
+        raise TextEncoderError(f"model folder not found: {root}")
+    return (AutoTokenizer.from_pretrained(_require_dir(root, "tokenizer")),
+            AutoTokenizer.from_pretrained(_require_dir(root, "tokenizer_2")))
+
+
+@dataclass
 class EncodedPrompts:
     """A batch in upstream's stored layout: ``prompt_embed`` (B, 1+L, D) with the CLIP vector in row 0, and the
     LLM attention mask (B, L) of 0/1 integers."""
