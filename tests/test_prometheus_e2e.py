@@ -257,7 +257,7 @@ def build_toy_world(work: Path, env: dict[str, str]) -> list[str]:
     ):
         out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{' '.join(cmd[1:3])} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-    return [f"model.path={model}", f"data.prompts={model / 'embeddings' / 'videos2caption.json'}",
+    return [f"model.path={model}", f"data.prompts={model / 'embeddings' / 'videos2caption.json'}", "data.eval_prompts=null",
             f"rewards.prm.path={prm}"]
 
 

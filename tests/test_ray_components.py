@@ -41,7 +41,7 @@ def run_config(world: Path, out: Path, *sets: str) -> RunConfig:
     """configs/toy.yaml made small: 2 prompts × 4 samples per step, 8 SDE steps, RGG from step 5."""
     base = [
         f"model.path={world / 'toy-model'}",
-        f"data.prompts={world / 'toy-model' / 'embeddings' / 'videos2caption.json'}",
+        f"data.prompts={world / 'toy-model' / 'embeddings' / 'videos2caption.json'}", "data.eval_prompts=null",
         f"rewards.prm.path={world / 'toy-prm'}",
         f"output.dir={out}",
         "steps=3", "data.prompts_per_step=2", "sampler.group_size=4", "sampler.num_steps=8", "rgg.start=5", "spsa.start=5",

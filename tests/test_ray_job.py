@@ -83,7 +83,7 @@ def test_ray_job_submit_trains_on_a_ray_start_head_cluster(world, tmp_path):
         _wait_for_head(head, log)
         sets = [
             f"model.path={world / 'toy-model'}",
-            f"data.prompts={world / 'toy-model' / 'embeddings' / 'videos2caption.json'}",
+            f"data.prompts={world / 'toy-model' / 'embeddings' / 'videos2caption.json'}", "data.eval_prompts=null",
             f"rewards.prm.path={world / 'toy-prm'}", f"output.dir={out}", "steps=2",
             "data.prompts_per_step=2", "sampler.group_size=4", "sampler.num_steps=8", "rgg.start=5", "spsa.start=5",
             "cluster.rollout_cpus=0.5", "cluster.learner_cpus=0.5",
