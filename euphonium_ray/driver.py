@@ -124,11 +124,25 @@ def connect(cfg: RunConfig, address: str | None) -> bool:
     if target:
         ray.init(address=target, log_to_driver=True)
         return False
+    # Ray's workers (role actors, Ray Train's learner) inherit this environment: give them the folders of the run's
+    # plugin modules, which they import to validate the config and build the components it names.
+    _export_plugin_dirs(cfg)
     # An embedded Ray is one machine's: bind it to loopback rather than to whatever address Ray guesses (on a
     # machine without a network its guess falls back to hostname resolution, which may name no usable interface).
     ray.init(num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
              _node_ip_address="127.0.0.1")
     return True
+
+
+def _export_plugin_dirs(cfg: RunConfig) -> None:
+    """Prepend the plugin modules' folders to ``PYTHONPATH`` (a plugin imported from the working directory or a
+    ``sys.path`` entry of this process would otherwise be missing in Ray's worker processes)."""
+    from euphonium_ray.registry import plugin_dirs
+
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    extra = [d for d in plugin_dirs(cfg.plugins) if d not in current]
+    if extra:
+        os.environ["PYTHONPATH"] = os.pathsep.join(extra + current)
 
 
 def weight_sync_backend(cfg: RunConfig) -> str:
