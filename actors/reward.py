@@ -105,6 +105,13 @@ class ORMScorer:
     def failure_count(self) -> int:
         return self.failures
 
+    def close(self) -> None:
+        """Release what the scorer started outside this process (the vLLM judge's server): a killed actor could
+        not, and the server would outlive the run."""
+        close = getattr(self.orm, "close", None)
+        if callable(close):
+            close()
+
 
 def _rows(value: Any, start: int, stop: int) -> Any:
     if isinstance(value, dict):

@@ -260,7 +260,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
 # ---------------------------------------------------------------------------------------------------- cli
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (their messages name the file, key or resource), not a bug."""
-    from actors.placement import ClusterResourceError
+    from actors.placement import ClusterResourceError, RoleStartError
     from actors.weights import StaleWeightsError
     from euphonium_ray.checkpoint import CheckpointError
     from euphonium_ray.data import DataError
@@ -268,8 +268,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from euphonium_ray.models.hunyuan import PolicyLoadError
     from euphonium_ray.models.prm import PRMLoadError
 
-    return (ClusterResourceError, StaleWeightsError, CheckpointError, DataError, CodecError, PolicyLoadError,
-            PRMLoadError)
+    return (ClusterResourceError, RoleStartError, StaleWeightsError, CheckpointError, DataError, CodecError,
+            PolicyLoadError, PRMLoadError)
 
 
 def main(argv: list[str]) -> int:
