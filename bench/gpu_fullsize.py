@@ -126,7 +126,7 @@ def run_config(args: argparse.Namespace, model_dir: Path):
         "model.lora_base_dtype=bf16", "optim.samples_per_forward=1", f"rewards.prm.micro_batch={args.prm_micro_batch}",
         "cluster.address=null", "cluster.fsdp=false", "cluster.resources={}", f"cluster.num_cpus={args.num_cpus}",
         f"cluster.rollout_cpus={args.role_cpus}", f"cluster.learner_cpus={args.role_cpus}",
-        "output.write_final=false", "output.save_every=100000", "output.sample_every=100000", "output.eval_every=0",
+        "output.write_final=false", "output.save_every=100000", "output.sample_every=0", "output.eval_every=0",
     ]
     sets += [f"cluster.num_{r}_workers=1" for r in ("rollout", "prm", "orm")] + ["cluster.num_learners=1"]
     sets += [f"cluster.{r}_gpus={share}" for r in ROLES]

@@ -255,7 +255,7 @@ class ClusterConfig(Section):
 class OutputConfig(Section):
     dir: str = "outputs/run"
     save_every: int = Field(default=25, ge=1)
-    sample_every: int = Field(default=25, ge=1)
+    sample_every: int = Field(default=25, ge=0)  # 0: no sample videos during the run (the final ones: write_final)
     eval_every: int = Field(default=0, ge=0)
     eval_count: int = Field(default=16, ge=1)  # prompts in the ODE evaluation before/after (and every eval_every)
     eval_samples_per_prompt: int = Field(default=1, ge=1)  # fixed-noise ODE samples per evaluated prompt

@@ -238,7 +238,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             batch.timings["broadcast"] = broadcast["seconds"]
             batch.timings["step"] = time.perf_counter() - t_step
             record = recorder.record(batch, adv, stats)
-            if step % cfg.output.sample_every == 0 or (step + 1 == cfg.steps and cfg.output.write_final):
+            every = cfg.output.sample_every
+            if (every and step % every == 0) or (step + 1 == cfg.steps and cfg.output.write_final):
                 recorder.videos(step, system.decode(batch.traj.x0_hat_final[: cfg.sampler.group_size * 2]))
             if cfg.output.eval_every and (step + 1) % cfg.output.eval_every == 0:
                 recorder.eval(step, evaluate_orm(step + 1))
