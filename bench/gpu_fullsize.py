@@ -43,6 +43,44 @@ PRODUCTION = ROOT / "configs" / "hunyuan_kuberay.yaml"
 ROLES = ("rollout", "prm", "orm", "learner")
 
 
+# --------------------------------------------------------------------------------------------- preflight
+def preflight(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """What the run needs from the machine, checked before anything is written: the classes the models are built
+    from (transformers' InternVL needs transformers 5.x), room on the work folder's disk, a GPU."""
+    import shutil
+
+    found: dict[str, Any] = {}
+    problems: list[str] = []
+    for module, names in (("transformers", ("InternVLForConditionalGeneration", "InternVLConfig", "Qwen2Tokenizer")),
+                          ("transformers.models.got_ocr2.image_processing_pil_got_ocr2", ("GotOcr2ImageProcessorPil",)),
+                          ("diffusers", ("HunyuanVideoTransformer3DModel", "AutoencoderKLHunyuanVideo")),
+                          ("peft", ("LoraConfig",))):
+        try:
+            mod = __import__(module, fromlist=list(names))
+            missing = [n for n in names if not hasattr(mod, n)]
+        except ImportError as exc:
+            missing = [f"(module: {exc})"]
+            mod = None
+        top = module.split(".")[0]
+        found[top] = getattr(sys.modules.get(top), "__version__", "?")
+        if missing:
+            problems.append(f"{module} lacks {', '.join(missing)} ({top} {found[top]}); the ORM and policy are built "
+                            "with transformers 5.x and diffusers 0.42 classes: carry those wheels")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    need = 2 * 2**30 if args.tiny else 40 * 2**30  # transformer 24 + PRM 6 + ORM 2 + VAE 1 GiB, and room
+    found["work_dir_free_gib"] = free / 2**30
+    if free < need and not (work / "build.json").is_file():
+        problems.append(f"{work} has {free / 2**30:.1f} GiB free; the model folders need about {need / 2**30:.0f} GiB")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("--device cuda but torch sees no CUDA device")
+    return found, problems
+
+
 # ------------------------------------------------------------------------------------------------- build
 def build(args: argparse.Namespace) -> int:
     """(In its own process, so the driver holds no CUDA memory.) Write every model folder once; a folder whose
@@ -212,7 +250,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--share", type=float, default=0.25, help="GPU share of each role")
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--role-cpus", type=float, default=None)
-    p.add_argument("--object-store-mb", type=int, default=2048)
+    p.add_argument("--object-store-mb", type=int, default=None, help="default: 2 GiB when /dev/shm has room")
     p.add_argument("--retry", action=argparse.BooleanOptionalAction, default=True,
                    help="after an out-of-memory failure, run again at the depth the shortfall says fits")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -249,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         (out / f"{NAME}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
 
+    with log.stage("preflight"):
+        found, problems = preflight(args)
+        log(f"found {json.dumps(found)}")
+        for problem in problems:
+            log(f"error: {problem}")
+        if problems:
+            return 2
+    if args.object_store_mb is None:
+        from bench.gpu_ray import object_store_bytes
+
+        args.object_store_mb = object_store_bytes() // 2**20
     with log.stage("build model folders (own process)"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--build-only", *(argv if argv is not None
                                                                                 else sys.argv[1:])]
