@@ -173,7 +173,8 @@ def build_orm(path: Path, size: str, device: torch.device, seed: int = 0) -> dic
     """A SoliReward-style ORM (transformers' InternVL + HPQA head) of ``ORM_SIZES[size]``, random init, saved."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    from euphonium_ray.models.orm_solireward import HPQAHead, RewardHeadConfig, SoliRewardORM
+    from euphonium_ray.models.orm_solireward import HPQAHead, RewardHeadConfig
+    from euphonium_ray.registry import ORMS
 
     spec = ORM_SIZES[size]
     tok = _tokenizer()
@@ -192,7 +193,7 @@ def build_orm(path: Path, size: str, device: torch.device, seed: int = 0) -> dic
         head_config = RewardHeadConfig(hidden_size=text["hidden_size"], layers=spec["head_layers"], num_heads=8,
                                        num_frames=spec["num_frames"], image_size=spec["image_size"])
         head = HPQAHead(head_config)
-    orm = SoliRewardORM(model, tok, head, head_config)
+    orm = ORMS.component_class("solireward")(model, tok, head, head_config)  # writes the checkpoint layout
     _sync(device)
     report: dict[str, Any] = {"size": size, "build_s": time.perf_counter() - t0,
                               "parameters": sum(p.numel() for p in model.parameters()),

@@ -148,6 +148,7 @@ def test_two_training_steps_of_the_production_config_through_every_ray_role(mode
                                               for k, need in worker_group_resources(cfg).items()}
             checks["orm_pool"] = system.orm_pool.map_rows("score_latents", latents, captions)
             checks["prm_pool"] = system.prm_pool.map_rows("score_clean", latents, cond.as_dict())
+            checks["memory"] = system.role_memory()
         if event == "step_end":
             checks["digests"].append(record["digest"])
             checks["same_weights"].append([d == record["digest"] for _, d in system.worker_digests()])
@@ -159,6 +160,10 @@ def test_two_training_steps_of_the_production_config_through_every_ray_role(mode
     assert set(taken) == {"euphonium_rollout", "euphonium_reward", "euphonium_learner"}
     assert all(used == pytest.approx(need) for used, need in taken.values()), taken
     assert checks["same_weights"] == [[True], [True]] and checks["digests"][0] != checks["digests"][1]
+    # every role reports what it holds (no CUDA here) and how long it took to load its model
+    assert {role: len(reports) for role, reports in checks["memory"].items()} == {"rollout": 1, "prm": 1, "orm": 1}
+    for role, (report,) in checks["memory"].items():
+        assert report["load_seconds"] > 0 and report["rss_bytes"] > 0 and report["gpu_max_allocated_bytes"] == 0
     # the pools hold the production models: decode with the folder's VAE, score with the SoliReward folder / PRM
     codec = load_codec(models["model"] / "vae")
     orm = SoliRewardORM.from_pretrained(models["orm"], num_frames=cfg.rewards.orm.num_frames,
@@ -253,6 +258,7 @@ def test_an_orm_scorer_actor_builds_and_scores_for_every_backend_the_config_allo
         ray.kill(scorer)
 
 
+@pytest.mark.slow
 def test_a_backend_that_cannot_start_is_one_line_naming_the_role_and_the_cause(models, kuberay_like_ray, tmp_path):
     """What ``euphonium-ray train`` prints when the ORM pool cannot load its model (here: the SoliReward folder is
     missing): the role and the loader's own message, before any step."""
