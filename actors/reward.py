@@ -98,8 +98,11 @@ class ORMScorer:
         return {**memory_report(self.device), "load_seconds": self.load_seconds}
 
     def decode(self, latents: Tensor) -> Tensor:
+        """Pixels of each latent, one video at a time: a full-size VAE's decode activations grow with the batch
+        (a group of 8 at 480x480x29 would hold eight times one video's), and videos do not interact in it."""
         with torch.no_grad():
-            return self.codec.decode(latents.to(self.device)).float().cpu()
+            return torch.cat([self.codec.decode(latents[i:i + 1].to(self.device)).float().cpu()
+                              for i in range(latents.shape[0])]) if latents.shape[0] else torch.zeros(0)
 
     def score_videos(self, videos: Tensor, captions: list[str]) -> Tensor:
         finite = torch.isfinite(videos.flatten(1)).all(dim=1)

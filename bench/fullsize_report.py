@@ -117,11 +117,13 @@ def markdown(result: dict[str, Any]) -> str:
              f"`configs/hunyuan_kuberay.yaml` with sizes and paths for one machine: a group of {s['group']} at "
              f"{s['size']}x{s['size']}, {s['frames']} frames, {s['tokens']} text tokens, 16 SDE steps with RGG on "
              f"steps 12-15 from the PRM pool (gradient {s['prm_micro_batch']} samples at a time); LoRA rank "
-             f"{s['lora_rank']} on a bf16 base; the rollout worker, PRM pool, ORM pool and the Ray Train learner "
-             f"each on {s['share']} of the GPU; the adapter broadcast through the object store. Random-init weights "
+             f"{s['lora_rank']} " + ("on a bf16 base" if s["share"] else "(fp32: bf16 applies on GPU only)")
+             + "; the rollout worker, PRM pool, ORM pool and the Ray Train learner "
+             + (f"each on {s['share']} of the GPU" if s["share"] else "on the CPU")
+             + f"; the adapter broadcast through the object store. Random-init weights "
              f"(throughput and memory, not learning). torch {s['torch']}, Ray {s['ray']}.", "",
              "| model | parameters | on disk (GiB) | build (s) | write (s) | write GiB/s |", "|---|---|---|---|---|---|"]
-    for name, r in (("HunyuanVideo transformer (bf16)", p), ("VAE", p["vae"]), (f"latent PRM, {prm['dual_blocks']} "
+    for name, r in ((f"HunyuanVideo transformer ({p['dtype']})", p), ("VAE", p["vae"]), (f"latent PRM, {prm['dual_blocks']} "
                     "dual blocks", prm), (f"ORM ({orm['size']}, InternVL + HPQA head)", orm)):
         lines.append(f"| {name} | {r['parameters'] / 1e9:.3f} B | {r['bytes'] / GIB:.1f} | {r['build_s']:.1f} | "
                      f"{r['write_s']:.1f} | {r['write_gib_per_s']:.2f} |")
@@ -141,7 +143,13 @@ def markdown(result: dict[str, Any]) -> str:
         if not a.get("ok"):
             d = a.get("diagnosis") or {}
             what = (f"the {d.get('role')} role ran out of GPU memory: it asked for {_gib(d.get('asked_bytes'))} GiB "
-                    f"with {_gib(d.get('free_bytes'))} GiB free, short by {_gib(d.get('shortfall_bytes'))} GiB"
+                    f"with {_gib(d.get('free_bytes'))} GiB free, short by at least "
+                    f"{_gib(d.get('shortfall_bytes'))} GiB (that one allocation)"
                     if d.get("shortfall_bytes") is not None else f"the {d.get('role')} role failed")
             lines += ["", f"Failure: {what}.", "", f"    {d.get('message', '')}"]
+            names = {int(k): v for k, v in (a.get("pids") or {}).items()}
+            held = d.get("processes_bytes") or {}
+            if held:
+                lines += ["", "GPU memory of every process at that moment (CUDA's message): " + ", ".join(
+                    f"{names.get(int(pid), f'pid {pid}')} {_gib(b)} GiB" for pid, b in held.items())]
     return "\n".join(lines) + "\n"

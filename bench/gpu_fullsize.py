@@ -200,6 +200,8 @@ def one_step(args: argparse.Namespace, cfg: Any, log: StageLog, got: dict[str, A
         if name == "step_start":
             got["startup_s"] = time.perf_counter() - t0
             got["learner_ready"] = dict(system.ready)
+            got["pids"] = {int(m["pid"]): f"{role} {i}" for role, reports in system.role_memory().items()
+                           for i, m in enumerate(reports)} | {int(system.ready["pid"]): "learner"}
             log(f"step {step} starts {got['startup_s']:.1f}s after train(): roles and learner loaded")
         if name == "step_end" and record is not None:
             got["scalars"] = dict(record["scalars"])
@@ -312,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     depth = (args.layers or built["num_layers"], args.single_layers or built["num_single_layers"])
     while True:
         attempt: dict[str, Any] = {"layers": depth[0], "single_layers": depth[1]}
+        attempt_started = time.monotonic()
         result["attempts"].append(attempt)
         cfg = run_config(args, depth_view(work, *depth))
         (out / "run_config.yaml").write_text(cfg.to_yaml())
@@ -328,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         nxt = smaller_depth(built, attempt["diagnosis"]["shortfall_bytes"], *depth,
                             activation_bytes_per_block=checkpointed_input_bytes(cfg, Path(cfg.model.path)))
-        last_s = attempt.get("train_s") or (time.monotonic() - started)
+        last_s = time.monotonic() - attempt_started
+        attempt["attempt_s"] = last_s
         if nxt is None or left < 1.2 * last_s:
             log(f"no retry: next depth {nxt}, {left:.0f}s left of the deadline, the last attempt took {last_s:.0f}s")
             break
