@@ -134,11 +134,16 @@ def memory_report(device: torch.device) -> dict[str, float]:
             "gpu_allocated_bytes": float(torch.cuda.memory_allocated(device)) if cuda else 0.0}
 
 
+CACHE_KEPT_BYTES = 1 << 30  # below this much cached-but-free memory, keep it (re-allocating costs time)
+
+
 def release_cached_memory(device: torch.device, gpus: float) -> None:
-    """Give cached CUDA blocks back when this process shares its GPU with other roles (a fractional share): what
-    one role's allocator keeps after its phase is memory another role's phase may need."""
+    """Give cached CUDA blocks back when this process shares its GPU with other roles (a fractional share) and holds
+    more than ``CACHE_KEPT_BYTES`` of them unused: what one role's allocator keeps after its phase is memory
+    another role's phase may need (a full-size rollout leaves GiBs of activations cached; the toy world, little)."""
     if device.type == "cuda" and 0 < gpus < 1:
-        torch.cuda.empty_cache()
+        if torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) > CACHE_KEPT_BYTES:
+            torch.cuda.empty_cache()
 
 
 def config_from(payload: dict[str, Any] | RunConfig) -> RunConfig:

@@ -144,7 +144,6 @@ def build_prm(path: Path, transformer: Any, blocks: int) -> dict[str, Any]:
     report: dict[str, Any] = {"build_s": time.perf_counter() - t0, "dual_blocks": blocks,
                               "parameters": sum(p.numel() for p in prm.parameters())}
     report.update(_write_timed(path, lambda: prm.save_pretrained(path)))
-    del prm
     return report
 
 

@@ -74,6 +74,12 @@ def production_config(paths: dict[str, Path], out: Path, *sets: str) -> RunConfi
     return load_config(PRODUCTION, overrides + list(sets), use_env=False)
 
 
+def decode_each(codec, latents: torch.Tensor) -> torch.Tensor:
+    """The videos of ``latents`` decoded one at a time, as the ORM actor does (a batched decode differs from it in
+    the last float bits only, which the ORM turns into ~1e-5 relative differences)."""
+    return torch.cat([codec.decode(latents[i:i + 1]) for i in range(latents.shape[0])])
+
+
 def worker_group_resources(cfg: RunConfig) -> dict[str, float]:
     """The KubeRay worker groups' label resources the placement asks for, summed over the roles' actors."""
     from actors.placement import role_bundles
@@ -169,7 +175,7 @@ def test_two_training_steps_of_the_production_config_through_every_ray_role(mode
     orm = SoliRewardORM.from_pretrained(models["orm"], num_frames=cfg.rewards.orm.num_frames,
                                         image_size=cfg.rewards.orm.image_size)
     with torch.no_grad():
-        expected_orm = orm.score(codec.decode(latents), captions)
+        expected_orm = orm.score(decode_each(codec, latents), captions)
     torch.testing.assert_close(checks["orm_pool"], expected_orm, rtol=0, atol=1e-5)
     prm = LatentPRM.from_pretrained(models["prm"])
     with torch.no_grad():
@@ -246,7 +252,7 @@ def test_an_orm_scorer_actor_builds_and_scores_for_every_backend_the_config_allo
                 orm = SoliRewardORM.from_pretrained(models["orm"], num_frames=cfg.rewards.orm.num_frames,
                                                     image_size=cfg.rewards.orm.image_size)
                 with torch.no_grad():
-                    want = orm.score(load_codec(models["model"] / "vae").decode(latents), captions)
+                    want = orm.score(decode_each(load_codec(models["model"] / "vae"), latents), captions)
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         assert got.shape == (3,) and torch.isfinite(got).all() and ray.get(scorer.failure_count.remote()) == 0
         assert len(set(got.tolist())) > 1  # different videos, different scores: the comparison means something
