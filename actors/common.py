@@ -16,7 +16,8 @@ import torch
 from euphonium_ray.config import RunConfig
 from euphonium_ray.models.base import LatentCodec, OutcomeRewardModel
 
-__all__ = ["actor_device", "build_orm", "config_from", "load_codec_for", "load_policy", "load_prm", "set_threads"]
+__all__ = ["MicroBatchedPRM", "actor_device", "build_orm", "config_from", "learner_weight_dtype", "load_codec_for", "load_policy",
+           "load_prm", "memory_report", "release_cached_memory", "set_threads"]
 
 Role = Literal["rollout", "learner", "reference"]
 
@@ -33,9 +34,17 @@ def actor_device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
+def learner_weight_dtype(cfg: RunConfig, on_gpu: bool) -> str:
+    """The learner's weight dtype: fp32 masters; with LoRA and ``model.lora_base_dtype: bf16`` on GPU, a bf16
+    frozen base (the adapters stay fp32)."""
+    lora_bf16 = cfg.model.trainable == "lora" and cfg.model.lora_base_dtype == "bf16" and on_gpu
+    return "bf16" if lora_bf16 else "fp32"
+
+
 def load_policy(cfg: RunConfig, role: Role, device: torch.device):
     """The policy for one role: rollout copies in ``model.dtype`` on GPU (fp32 on CPU), frozen; the learner's
-    fp32 master weights (autocast ``model.dtype`` on GPU), trainable; a frozen fp32 reference for KL."""
+    fp32 master weights (autocast ``model.dtype`` on GPU), trainable, or under LoRA optionally a bf16 base with
+    fp32 adapters (``learner_weight_dtype``); a frozen fp32 reference for KL."""
     from euphonium_ray.models.hunyuan import set_tf32
     from euphonium_ray.registry import POLICIES
 
@@ -45,7 +54,7 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
     if role == "rollout":
         dtype, trainable = (low if on_gpu else "fp32"), cfg.model.trainable
     elif role == "learner":
-        dtype, trainable = "fp32", cfg.model.trainable
+        dtype, trainable = learner_weight_dtype(cfg, on_gpu), cfg.model.trainable
     else:
         dtype, trainable = "fp32", "none"
     policy = POLICIES.get(cfg.model.family).from_pretrained(
@@ -57,6 +66,7 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
         lora_rank=cfg.model.lora_rank,
         lora_alpha=cfg.model.lora_alpha,
         lora_seed=cfg.seed,
+        lora_dtype="fp32" if role == "learner" else None,
         embedded_guidance=cfg.model.embedded_guidance,
         gradient_checkpointing=cfg.model.gradient_checkpointing and role == "learner",
         autocast_dtype=low if (on_gpu and low != "fp32") else None,
@@ -69,11 +79,34 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
     return policy
 
 
+class MicroBatchedPRM:
+    """A PRM whose RGG gradient is taken ``micro_batch`` samples at a time (``rewards.prm.micro_batch``): one
+    chunk's activations are held at once (a full-size PRM's backward over a whole group is tens of GiB); scores
+    and gradients are the same, since samples do not interact in the network. Everything else is the PRM's."""
+
+    def __init__(self, prm: Any, micro_batch: int) -> None:
+        self.prm, self.micro_batch = prm, int(micro_batch)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "prm":  # not set yet (e.g. while copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.prm, name)
+
+    def score_and_grad(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        n, step = latents.shape[0], self.micro_batch
+        sigma = sigma.expand(n) if sigma.ndim == 0 else sigma
+        parts = [self.prm.score_and_grad(latents[i:i + step], sigma[i:i + step], cond.index(slice(i, i + step)))
+                 for i in range(0, n, step)]
+        return torch.cat([s for s, _ in parts]), torch.cat([g for _, g in parts])
+
+
 def load_prm(cfg: RunConfig, device: torch.device, policy: Any = None, codec: LatentCodec | None = None):
-    """The process reward model ``rewards.prm.kind`` names (an oracle needs the rollout ``policy`` it lives with)."""
+    """The process reward model ``rewards.prm.kind`` names (an oracle needs the rollout ``policy`` it lives with),
+    its gradient in chunks of ``rewards.prm.micro_batch`` samples when that is set."""
     from euphonium_ray.registry import PRMS
 
-    return PRMS.build(cfg.rewards.prm.kind, cfg, device, policy=policy, codec=codec)
+    prm = PRMS.build(cfg.rewards.prm.kind, cfg, device, policy=policy, codec=codec)
+    return MicroBatchedPRM(prm, cfg.rewards.prm.micro_batch) if cfg.rewards.prm.micro_batch else prm
 
 
 def load_codec_for(cfg: RunConfig, device: torch.device) -> LatentCodec:
@@ -87,6 +120,30 @@ def build_orm(cfg: RunConfig, device: torch.device) -> OutcomeRewardModel:
     from euphonium_ray.registry import ORMS
 
     return ORMS.build(cfg.rewards.orm.backend, cfg, device)
+
+
+def memory_report(device: torch.device) -> dict[str, float]:
+    """What this process holds, in bytes: CUDA peak allocated and reserved (``torch.cuda.max_memory_*`` since the
+    process started), allocated now, and the resident set."""
+    from euphonium_ray.metrics import rss_bytes
+
+    cuda = device.type == "cuda"
+    return {"pid": float(os.getpid()), "rss_bytes": float(rss_bytes()),
+            "gpu_max_allocated_bytes": float(torch.cuda.max_memory_allocated(device)) if cuda else 0.0,
+            "gpu_max_reserved_bytes": float(torch.cuda.max_memory_reserved(device)) if cuda else 0.0,
+            "gpu_allocated_bytes": float(torch.cuda.memory_allocated(device)) if cuda else 0.0}
+
+
+CACHE_KEPT_BYTES = 1 << 30  # below this much cached-but-free memory, keep it (re-allocating costs time)
+
+
+def release_cached_memory(device: torch.device, gpus: float) -> None:
+    """Give cached CUDA blocks back when this process shares its GPU with other roles (a fractional share) and holds
+    more than ``CACHE_KEPT_BYTES`` of them unused: what one role's allocator keeps after its phase is memory
+    another role's phase may need (a full-size rollout leaves GiBs of activations cached; the toy world, little)."""
+    if device.type == "cuda" and 0 < gpus < 1:
+        if torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) > CACHE_KEPT_BYTES:
+            torch.cuda.empty_cache()
 
 
 def config_from(payload: dict[str, Any] | RunConfig) -> RunConfig:

@@ -120,7 +120,7 @@ def learner_loop(config: dict[str, Any]) -> None:
     num_rollout_workers."""
     import ray.train
 
-    from actors.common import config_from, load_policy, set_threads
+    from actors.common import config_from, load_policy, memory_report, release_cached_memory, set_threads
     from actors.weights import make_weight_sync, state_digest
     from euphonium_ray.checkpoint import config_hash, load_checkpoint, read_optimizer_state, save_checkpoint
     from euphonium_ray.learning import grpo_update
@@ -129,6 +129,7 @@ def learner_loop(config: dict[str, Any]) -> None:
         shard_transformer
     from euphonium_ray.trajectory import Trajectories
 
+    t_start = time.perf_counter()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = config_from(config["cfg"])
@@ -172,7 +173,8 @@ def learner_loop(config: dict[str, Any]) -> None:
         state = broadcast_state()
         digest = state_digest(state) if state else None
         ray.get(hub.set_ready.remote(rank, {"start_step": start, "digest": digest, "pid": os.getpid(),
-                                            "device": str(device), "fsdp": sharded}))
+                                            "device": str(device), "fsdp": sharded,
+                                            "load_seconds": time.perf_counter() - t_start}))
         if sync is not None:
             sync.publish(start, state)
         out_dir = Path(cfg.output.dir)
@@ -197,7 +199,7 @@ def learner_loop(config: dict[str, Any]) -> None:
             state = broadcast_state()
             stats["digest"] = state_digest(state) if state else None
             ckpt_path = None
-            if version % cfg.output.save_every == 0 or version == cfg.steps:
+            if version % cfg.output.save_every == 0 or (version == cfg.steps and cfg.output.write_final):
                 t1 = time.perf_counter()
                 full_optim = full_optimizer_state(policy.transformer, optimizer) if sharded else None
                 if rank == 0:
@@ -208,6 +210,8 @@ def learner_loop(config: dict[str, Any]) -> None:
                                                 policy_state=state if sharded else None, optimizer_state=full_optim)
                     stats["checkpoint"] = str(ckpt_path)
                     stats["checkpoint_seconds"] = time.perf_counter() - t1
+            stats.update({k: v for k, v in memory_report(device).items() if k.startswith("gpu_")})
+            release_cached_memory(device, cfg.cluster.learner_gpus)
             scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
             ray_ckpt = ray.train.Checkpoint.from_directory(str(ckpt_path)) if ckpt_path is not None else None
             ray.train.report(scalars, checkpoint=ray_ckpt, checkpoint_dir_name=f"step-{version}" if ray_ckpt else None,

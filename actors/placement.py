@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from euphonium_ray.config import RunConfig
 
-__all__ = ["ClusterResourceError", "RoleActors", "check_cluster", "check_gpu_sharing", "needs_prm_pool", "role_bundles",
+__all__ = ["ClusterResourceError", "RoleActors", "RoleStartError", "check_cluster", "check_gpu_sharing", "needs_prm_pool", "role_bundles",
            "start_roles"]
 
 ROLES = ("rollout", "prm", "orm", "learner")
@@ -29,6 +29,16 @@ _CONFIG_KEYS = {"rollout": "cluster.rollout_gpus", "prm": "cluster.prm_gpus", "o
 
 class ClusterResourceError(RuntimeError):
     """The config asks for more than the Ray cluster has (or could not reserve it in time)."""
+
+
+class RoleStartError(RuntimeError):
+    """A role's actor failed while loading its model; the message names the role and the actor's own error."""
+
+
+def _last_error_line(exc: BaseException) -> str:
+    """The actor's own exception (``Type: message``), the last line of Ray's creation-task traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def needs_prm_pool(cfg: RunConfig) -> bool:
@@ -105,7 +115,11 @@ class RoleActors:
     orm: list[Any]
     groups: list[PlacementGroup] = field(default_factory=list)
 
-    def shutdown(self) -> None:
+    def shutdown(self, close_timeout_s: float = 60.0) -> None:
+        try:  # scorers that started servers stop them before they are killed
+            ray.get([a.close.remote() for a in self.orm], timeout=close_timeout_s)
+        except Exception:  # noqa: BLE001 - best-effort teardown: a dead or hung scorer is killed below
+            pass
         for actor in self.rollout + self.prm + self.orm:
             try:
                 ray.kill(actor, no_restart=True)
@@ -166,9 +180,14 @@ def start_roles(cfg: RunConfig, store: Any, *, sync_backend: str, timeout_s: flo
             roles.rollout.append(RolloutWorker.options(**_options(pgs["rollout"], i, b, cfg)).remote(
                 payload, i, store, prm_pool=prm_pool, orm_pool=orm_pool, sync_backend=sync_backend,
                 num_workers=n, gpus=b.get("GPU", 0.0), cpus=b.get("CPU", 1.0)))
-        t0 = time.monotonic()
-        ray.get([a.ready.remote() for a in roles.rollout + roles.prm + roles.orm],
-                timeout=max(1.0, timeout_s * 5 - (time.monotonic() - t0)))
+        deadline = time.monotonic() + timeout_s * 5
+        waits = [(role, i, a.ready.remote()) for role, actors in (("rollout", roles.rollout), ("PRM", roles.prm),
+                                                                    ("ORM", roles.orm)) for i, a in enumerate(actors)]
+        for role, i, ref in waits:
+            try:
+                ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError as exc:
+                raise RoleStartError(f"{role} actor {i} could not start: {_last_error_line(exc)}") from None
     except BaseException:
         roles.shutdown()
         raise

@@ -22,7 +22,8 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.common import actor_device, build_orm, config_from, load_codec_for, load_prm, set_threads
+from actors.common import (actor_device, build_orm, config_from, load_codec_for, load_prm, memory_report,
+                           release_cached_memory, set_threads)
 from euphonium_ray.models.base import TextConditioning
 
 __all__ = ["ORMScorer", "PRMScorer", "ScorerPool"]
@@ -37,19 +38,28 @@ class PRMScorer:
     """A latent PRM copy: ``score`` and ``score_and_grad`` on batches of latents."""
 
     def __init__(self, cfg: dict[str, Any], gpus: float = 0.0, cpus: float = 1.0) -> None:
+        t0 = time.perf_counter()
         set_threads(cpus)
         self.cfg = config_from(cfg)
+        self.gpus = gpus
         self.device = actor_device(gpus)
         self.prm = load_prm(self.cfg, self.device)
+        self.load_seconds = time.perf_counter() - t0
 
     def ready(self) -> dict[str, Any]:
         import os
 
         return {"pid": os.getpid(), "device": str(self.device), "gpu_ids": ray.get_gpu_ids()}
 
+    def memory(self) -> dict[str, float]:
+        """Peak CUDA memory of this actor (bytes) and its model-loading seconds."""
+        return {**memory_report(self.device), "load_seconds": self.load_seconds}
+
     def score(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         c = TextConditioning.from_dict(cond).to(self.device)
-        return self.prm.score(latents.to(self.device), sigma.to(self.device), c).float().cpu()
+        out = self.prm.score(latents.to(self.device), sigma.to(self.device), c).float().cpu()
+        release_cached_memory(self.device, self.gpus)
+        return out
 
     def score_clean(self, latents: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """The latent outcome reward: the PRM on clean latents (x̂0) at σ = 0."""
@@ -58,7 +68,9 @@ class PRMScorer:
     def score_and_grad(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         c = TextConditioning.from_dict(cond).to(self.device)
         score, grad = self.prm.score_and_grad(latents.to(self.device), sigma.to(self.device), c)
-        return score.float().cpu(), grad.float().cpu()
+        out = score.float().cpu(), grad.float().cpu()
+        release_cached_memory(self.device, self.gpus)
+        return out
 
 
 @ray.remote
@@ -66,21 +78,31 @@ class ORMScorer:
     """Decode latents and score the videos against their captions; NaN for a video that cannot be judged."""
 
     def __init__(self, cfg: dict[str, Any], gpus: float = 0.0, cpus: float = 1.0) -> None:
+        t0 = time.perf_counter()
         set_threads(cpus)
         self.cfg = config_from(cfg)
+        self.gpus = gpus
         self.device = actor_device(gpus)
         self.codec = load_codec_for(self.cfg, self.device)
         self.orm = build_orm(self.cfg, self.device)
         self.failures = 0
+        self.load_seconds = time.perf_counter() - t0
 
     def ready(self) -> dict[str, Any]:
         import os
 
         return {"pid": os.getpid(), "device": str(self.device), "gpu_ids": ray.get_gpu_ids()}
 
+    def memory(self) -> dict[str, float]:
+        """Peak CUDA memory of this actor (bytes: codec decode and ORM) and its model-loading seconds."""
+        return {**memory_report(self.device), "load_seconds": self.load_seconds}
+
     def decode(self, latents: Tensor) -> Tensor:
+        """Pixels of each latent, one video at a time: a full-size VAE's decode activations grow with the batch
+        (a group of 8 at 480x480x29 would hold eight times one video's), and videos do not interact in it."""
         with torch.no_grad():
-            return self.codec.decode(latents.to(self.device)).float().cpu()
+            return torch.cat([self.codec.decode(latents[i:i + 1].to(self.device)).float().cpu()
+                              for i in range(latents.shape[0])]) if latents.shape[0] else torch.zeros(0)
 
     def score_videos(self, videos: Tensor, captions: list[str]) -> Tensor:
         finite = torch.isfinite(videos.flatten(1)).all(dim=1)
@@ -100,10 +122,19 @@ class ORMScorer:
 
     def score_latents(self, latents: Tensor, captions: list[str]) -> Tensor:
         """Decode then score; latents (B, C, T, h, w) in the DiT's latent space."""
-        return self.score_videos(self.decode(latents), captions)
+        scores = self.score_videos(self.decode(latents), captions)
+        release_cached_memory(self.device, self.gpus)
+        return scores
 
     def failure_count(self) -> int:
         return self.failures
+
+    def close(self) -> None:
+        """Release what the scorer started outside this process (the vLLM judge's server): a killed actor could
+        not, and the server would outlive the run."""
+        close = getattr(self.orm, "close", None)
+        if callable(close):
+            close()
 
 
 def _rows(value: Any, start: int, stop: int) -> Any:

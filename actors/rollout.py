@@ -15,7 +15,8 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import actor_device, config_from, load_codec_for, load_policy, load_prm, set_threads
+from actors.common import (actor_device, config_from, load_codec_for, load_policy, load_prm, memory_report,
+                           release_cached_memory, set_threads)
 from actors.weights import StaleWeightsError, make_weight_sync, state_digest
 from euphonium_ray.metrics import rss_bytes
 from euphonium_ray.models.base import TextConditioning
@@ -37,9 +38,11 @@ class RolloutWorker:
     def __init__(self, cfg: dict[str, Any], index: int, weight_store: Any, *, prm_pool: Any = None,
                  orm_pool: Any = None, sync_backend: str = "object_store", num_workers: int = 1,
                  gpus: float = 0.0, cpus: float = 1.0) -> None:
+        t0 = time.perf_counter()
         set_threads(cpus)
         self.cfg = config_from(cfg)
         self.index = index
+        self.gpus = gpus
         self.device = actor_device(gpus)
         self.policy = load_policy(self.cfg, "rollout", self.device)
         self.prm = None
@@ -53,10 +56,15 @@ class RolloutWorker:
         self.version = -1
         self.sampled = 0
         self.metrics = None
+        self.load_seconds = time.perf_counter() - t0
 
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "device": str(self.device), "version": self.version, "index": self.index,
                 "gpu_ids": ray.get_gpu_ids()}
+
+    def memory(self) -> dict[str, float]:
+        """Peak CUDA memory of this actor (bytes: policy copy, sampling, a colocated PRM) and its loading seconds."""
+        return {**memory_report(self.device), "load_seconds": self.load_seconds}
 
     # ----------------------------------------------------------------------------------------- weights
     def load_weights(self, version: int, timeout_s: float = 600.0) -> dict[str, float]:
@@ -142,7 +150,10 @@ class RolloutWorker:
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         self._metric("euphonium_gpu_memory_bytes", float(gpu))
         traj = traj.without(*unused_by_learner(self.cfg))  # what the learner never reads does not travel
-        return {"traj": traj.cpu().to_dict(), "timings": timings, "worker": self.index, "pid": os.getpid()}
+        out = {"traj": traj.cpu().to_dict(), "timings": timings, "worker": self.index, "pid": os.getpid()}
+        del traj
+        release_cached_memory(self.device, self.gpus)
+        return out
 
     def evaluate(self, request: dict[str, Any]) -> torch.Tensor:
         """Plain ODE samples (what inference uses, no PRM) with weight ``version``: final latents (B, ...)."""
@@ -151,4 +162,6 @@ class RolloutWorker:
         x = sample_latents(self.policy, cond, latent_shape=request["latent_shape"],
                            num_steps=self.cfg.sampler.num_steps, shift=self.cfg.sampler.shift, noise_type="ode",
                            generator=make_generators(request["seeds"]))
-        return x.cpu()
+        x = x.cpu()
+        release_cached_memory(self.device, self.gpus)
+        return x

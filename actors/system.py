@@ -198,6 +198,13 @@ class TrainingSystem:
     def decode(self, latents: Tensor) -> Tensor:
         return self.orm_pool.run("decode", latents)
 
+    def role_memory(self) -> dict[str, list[dict[str, float]]]:
+        """Each role actor's peak CUDA memory and model-loading seconds (``memory()``), by role; the learner's
+        peaks come with its step statistics (``gpu_max_*_bytes``) and its loading seconds with ``ready``."""
+        assert self.roles is not None
+        return {role: ray.get([a.memory.remote() for a in actors])
+                for role, actors in (("rollout", self.roles.rollout), ("prm", self.roles.prm), ("orm", self.roles.orm))}
+
     def worker_digests(self) -> list[tuple[int, str]]:
         return [self._call(i, "param_digest") for i in range(len(self.rollout_workers))]
 

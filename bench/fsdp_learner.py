@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from euphonium_ray.config import load_config  # noqa: E402
 from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402
 from euphonium_ray.models.base import TextConditioning  # noqa: E402
-from euphonium_ray.models.hunyuan import HunyuanVideoPolicy  # noqa: E402
-from euphonium_ray.models.prm import LatentPRM  # noqa: E402
+from euphonium_ray.registry import POLICIES, PRMS  # noqa: E402
 from euphonium_ray.sampling import sample_trajectories  # noqa: E402
 from euphonium_ray.sharding import full_model_state, shard_transformer  # noqa: E402
 
@@ -102,14 +101,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in transformer.parameters())
     prm = None
     if guided:  # copied before sharding: the PRM stays whole (it is not trained here), in the compute dtype
-        prm = LatentPRM.from_policy(transformer, num_dual_blocks=args.prm_blocks, num_single_blocks=0)
+        prm = PRMS.component_class("latent").from_policy(transformer, num_dual_blocks=args.prm_blocks,
+                                                         num_single_blocks=0)
         prm.requires_grad_(False)
         prm.to(compute or torch.float32)
     units = shard_transformer(transformer, compute_dtype=compute)
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    policy = HunyuanVideoPolicy(transformer, codec=None, autocast_dtype=compute)
+    policy = POLICIES.get("hunyuanvideo")(transformer, codec=None, autocast_dtype=compute)
     local_params = sum(p.to_local().numel() for p in transformer.parameters())
     _sync(device)
     report: dict[str, Any] = {"build_seconds": time.perf_counter() - t0, "after_shard": _mem(device)}

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from euphonium_ray.config import RunConfig, load_config  # noqa: E402
 from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402
 from euphonium_ray.models.base import TextConditioning  # noqa: E402
-from euphonium_ray.models.hunyuan import HunyuanVideoPolicy, add_lora  # noqa: E402
-from euphonium_ray.models.prm import LatentPRM  # noqa: E402
+from euphonium_ray.models.hunyuan import add_lora  # noqa: E402
+from euphonium_ray.registry import POLICIES, PRMS  # noqa: E402
 from euphonium_ray.sampling import sample_trajectories  # noqa: E402
 
 TINY = dict(
@@ -48,7 +48,9 @@ def _peak_gib(device: torch.device) -> float:
 
 def build_policy(
     tiny: bool, device: torch.device, dtype: torch.dtype, lora_rank: int, prm_blocks: int
-) -> tuple[HunyuanVideoPolicy, LatentPRM]:
+) -> tuple[Any, Any]:
+    """(policy, PRM): the registered ``hunyuanvideo`` policy class around a random full-size transformer, and a
+    ``latent`` PRM of its first ``prm_blocks`` dual-stream blocks."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(0)
@@ -60,12 +62,13 @@ def build_policy(
     finally:
         torch.set_default_dtype(previous)
     transformer.requires_grad_(False)
-    prm = LatentPRM.from_policy(transformer, num_dual_blocks=prm_blocks, num_single_blocks=0)  # before LoRA wraps it
+    # before LoRA wraps it
+    prm = PRMS.component_class("latent").from_policy(transformer, num_dual_blocks=prm_blocks, num_single_blocks=0)
     prm.requires_grad_(False)
     add_lora(transformer, rank=lora_rank, alpha=float(lora_rank))
     transformer.enable_gradient_checkpointing()
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    return HunyuanVideoPolicy(transformer, codec=None, autocast_dtype=autocast), prm
+    return POLICIES.get("hunyuanvideo")(transformer, codec=None, autocast_dtype=autocast), prm
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,13 +24,12 @@ from typing import Any
 import torch
 
 from euphonium_ray.config import ConfigError, RunConfig, SPSAConfig, load_config
-from euphonium_ray.models.base import TextConditioning
-from euphonium_ray.models.prm import LatentPRM
-from euphonium_ray.prm_training import METRICS_NAME, load_orm, video_shape, with_model_toy_config
+from euphonium_ray.models.base import ProcessRewardModel, TextConditioning
+from euphonium_ray.prm_training import METRICS_NAME, load_orm, load_prm_folder, video_shape, with_model_toy_config
 from euphonium_ray.sampling import make_generators, sample_seed, sample_trajectories
 
 
-def guided_outcomes(policy, prm: LatentPRM, orm, cond: TextConditioning, captions: list[str], cfg: RunConfig,
+def guided_outcomes(policy, prm: ProcessRewardModel, orm, cond: TextConditioning, captions: list[str], cfg: RunConfig,
                     latent_shape: tuple[int, ...], scale: float, seeds: list[int], chunk: int, start: int,
                     normalize: bool) -> dict[str, torch.Tensor]:
     """ORM score (and its terms), PRM score of the final x̂0 and the mean PRM-gradient norm in the window, per
@@ -107,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from euphonium_ray.data import PromptEmbeddingDataset, pooled_dim_of
-    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+    from euphonium_ray.registry import POLICIES
 
     torch.set_grad_enabled(False)
     cfg = with_model_toy_config(cfg, args.model) if args.orm == "toy" else cfg
-    policy = HunyuanVideoPolicy.from_pretrained(args.model, trainable="none", device=args.device,
-                                                embedded_guidance=cfg.model.embedded_guidance)
-    prm = LatentPRM.from_pretrained(args.prm, device=args.device)
+    policy = POLICIES.get(cfg.model.family).from_pretrained(args.model, trainable="none", device=args.device,
+                                                            embedded_guidance=cfg.model.embedded_guidance)
+    prm = load_prm_folder(args.prm, cfg, args.device)
     orm = load_orm(args.orm, cfg, args.device)
     index = args.prompts or str(Path(args.model) / "embeddings" / "videos2caption.json")
     dataset = PromptEmbeddingDataset(index, pooled_dim=pooled_dim_of(args.model))

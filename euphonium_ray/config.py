@@ -46,6 +46,9 @@ class ModelConfig(Section):
     trainable: Literal["full", "lora", "none"] = "full"
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: float = Field(default=16.0, gt=0)
+    # The learner's frozen base weights when training LoRA, on GPU: fp32 (default) or bf16, half the memory (under
+    # bf16 autocast the matmuls see the same values either way); the adapters and AdamW stay fp32.
+    lora_base_dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     # TF32 in fp32 matmuls and convolutions on GPU. Off by default: the rollout and the learner compute the same
     # log-prob at different batch sizes, and TF32's ~1e-3 relative error moves the importance ratio by more than
@@ -148,6 +151,7 @@ class PRMConfig(Section):
     placement: Literal["colocated", "pool"] = "colocated"
     use_sigmoid: bool = False
     dtype: Literal["fp32", "bf16"] = "bf16"
+    micro_batch: int = Field(default=0, ge=0)  # samples per RGG gradient pass (0: the whole batch at once)
 
     @field_validator("kind")
     @classmethod
@@ -252,11 +256,12 @@ class ClusterConfig(Section):
 class OutputConfig(Section):
     dir: str = "outputs/run"
     save_every: int = Field(default=25, ge=1)
-    sample_every: int = Field(default=25, ge=1)
+    sample_every: int = Field(default=25, ge=0)  # 0: no sample videos during the run (the final ones: write_final)
     eval_every: int = Field(default=0, ge=0)
     eval_count: int = Field(default=16, ge=1)  # prompts in the ODE evaluation before/after (and every eval_every)
     eval_samples_per_prompt: int = Field(default=1, ge=1)  # fixed-noise ODE samples per evaluated prompt
     keep_checkpoints: int = Field(default=3, ge=1)
+    write_final: bool = True  # after the last step: a checkpoint and sample videos (whatever save/sample_every say)
     tensorboard: bool = True
 
 

@@ -130,6 +130,9 @@ def connect(cfg: RunConfig, address: str | None) -> bool:
     if target:
         ray.init(address=target, log_to_driver=True)
         return False
+    # Ray's workers (role actors, Ray Train's learner) inherit this environment: give them the folders of the run's
+    # plugin modules, which they import to validate the config and build the components it names.
+    _export_plugin_dirs(cfg)
     # bound to loopback rather than to whatever address Ray guesses (on a machine without a network its guess falls
     # back to hostname resolution, which may name no usable interface)
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, object_store_memory=cfg.cluster.object_store_memory,
@@ -152,6 +155,17 @@ def private_ray_note() -> str:
     except Exception:  # noqa: BLE001 (a Ray without it: the note simply leaves the dashboard out)
         dashboard = ""
     return f"started a private local Ray on {LOOPBACK} only; {guard}{dashboard}"
+
+
+def _export_plugin_dirs(cfg: RunConfig) -> None:
+    """Prepend the plugin modules' folders to ``PYTHONPATH`` (a plugin imported from the working directory or a
+    ``sys.path`` entry of this process would otherwise be missing in Ray's worker processes)."""
+    from euphonium_ray.registry import plugin_dirs
+
+    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    extra = [d for d in plugin_dirs(cfg.plugins) if d not in current]
+    if extra:
+        os.environ["PYTHONPATH"] = os.pathsep.join(extra + current)
 
 
 def weight_sync_backend(cfg: RunConfig) -> str:
@@ -258,7 +272,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             batch.timings["broadcast"] = broadcast["seconds"]
             batch.timings["step"] = time.perf_counter() - t_step
             record = recorder.record(batch, adv, stats)
-            if step % cfg.output.sample_every == 0 or step + 1 == cfg.steps:
+            every = cfg.output.sample_every
+            if (every and step % every == 0) or (step + 1 == cfg.steps and cfg.output.write_final):
                 recorder.videos(step, system.decode(batch.traj.x0_hat_final[: cfg.sampler.group_size * 2]))
             if cfg.output.eval_every and (step + 1) % cfg.output.eval_every == 0:
                 recorder.eval(step, float(evaluate_orm(step + 1).nanmean()))
@@ -280,7 +295,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
 # ---------------------------------------------------------------------------------------------------- cli
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (their messages name the file, key or resource), not a bug."""
-    from actors.placement import ClusterResourceError
+    from actors.placement import ClusterResourceError, RoleStartError
     from actors.weights import StaleWeightsError
     from euphonium_ray.checkpoint import CheckpointError
     from euphonium_ray.data import DataError
@@ -288,8 +303,8 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from euphonium_ray.models.hunyuan import PolicyLoadError
     from euphonium_ray.models.prm import PRMLoadError
 
-    return (ClusterResourceError, StaleWeightsError, CheckpointError, DataError, CodecError, PolicyLoadError,
-            PRMLoadError)
+    return (ClusterResourceError, RoleStartError, StaleWeightsError, CheckpointError, DataError, CodecError,
+            PolicyLoadError, PRMLoadError)
 
 
 def main(argv: list[str]) -> int:

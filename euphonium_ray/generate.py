@@ -264,7 +264,7 @@ def _rgg_settings(rgg: RGGConfig, args: argparse.Namespace) -> RGGConfig:
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+    from euphonium_ray.registry import POLICIES
 
     model_dir = args.model or cfg.model.path
     if not model_dir:
@@ -278,15 +278,15 @@ def _run(args: argparse.Namespace, cfg: RunConfig) -> int:
         raise ValueError(f"--num-videos must be >= 1, got {args.num_videos}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    policy = HunyuanVideoPolicy.from_pretrained(
+    policy = POLICIES.get(cfg.model.family).from_pretrained(
         model_dir, dtype=dtype, device=device, checkpoint=args.checkpoint or cfg.model.checkpoint,
         trainable="none", embedded_guidance=cfg.model.embedded_guidance,
     )
     prm = None
     if args.sampler == "rgg":
-        from euphonium_ray.models.prm import LatentPRM
+        from euphonium_ray.prm_training import load_prm_folder
 
-        prm = LatentPRM.from_pretrained(args.prm or cfg.rewards.prm.path, device=device)
+        prm = load_prm_folder(args.prm or cfg.rewards.prm.path, cfg, device)
     max_tokens = args.max_tokens or (cfg.toy.text_max_tokens if cfg.model.family == "toy" else 256)
     out = Path(args.out)
     dataset = load_prompt_dataset(prompts, model_dir, out, policy.pooled_dim, max_tokens, device)

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,15 +41,19 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from euphonium_ray.config import RGGConfig, RunConfig, SamplerConfig, SPSAConfig
-from euphonium_ray.models.base import LatentCodec, OutcomeRewardModel, Policy, TextConditioning
-from euphonium_ray.models.prm import LatentPRM
+from euphonium_ray.models.base import LatentCodec, OutcomeRewardModel, Policy, ProcessRewardModel, TextConditioning
 from euphonium_ray.sampling import make_generators, sample_seed, sample_trajectories
+
+if TYPE_CHECKING:  # the class is resolved through registry.PRMS at run time
+    from euphonium_ray.models.prm import LatentPRM
 
 __all__ = [
     "LabelledRollouts",
     "PRMTrainOptions",
     "collect_rollouts",
     "evaluate_prm",
+    "load_orm",
+    "load_prm_folder",
     "load_rollouts",
     "main",
     "make_labels",
@@ -59,6 +63,7 @@ __all__ = [
 ]
 
 LabelKind = Literal["score", "binary"]
+TRAINED_PRM_KIND = "latent"  # the registry.PRMS entry whose class train-prm builds from the policy and trains
 SIGMA_BUCKETS: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0))
 
 
@@ -375,6 +380,16 @@ def load_orm(name: str, cfg: RunConfig, device: torch.device | str = "cpu") -> O
     return ORMS.build(name, run, device)
 
 
+def load_prm_folder(path: str | Path, cfg: RunConfig, device: torch.device | str = "cpu") -> ProcessRewardModel:
+    """The trained latent PRM saved in ``path`` (``registry.PRMS["latent"]``), with the run's ``rewards.prm``
+    settings (dtype, sigmoid): what ``generate``, ``toy samples`` and ``bench/prm_guidance.py`` guide with."""
+    from euphonium_ray.registry import PRMS
+
+    run = cfg.model_copy(deep=True)
+    run.rewards.prm.kind, run.rewards.prm.path = "latent", str(path)
+    return PRMS.build("latent", run, device)
+
+
 def is_toy_reward(name: str) -> bool:
     """Whether an outcome reward belongs to the toy world (``toy``, ``toy-<task>``): it reads the world's settings."""
     return name == "toy" or name.startswith("toy-")
@@ -440,12 +455,13 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def run(args: argparse.Namespace, cfg: RunConfig, opts: PRMTrainOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Rollouts → labels → training → held-out metrics → files. Returns the metrics written."""
     from euphonium_ray.data import PromptEmbeddingDataset, pooled_dim_of
-    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+    from euphonium_ray.registry import POLICIES, PRMS
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(opts.seed)
-    policy = HunyuanVideoPolicy.from_pretrained(args.model, dtype=torch.float32, device=device, trainable="none",
-                                                embedded_guidance=cfg.model.embedded_guidance)
+    policy = POLICIES.get(cfg.model.family).from_pretrained(args.model, dtype=torch.float32, device=device,
+                                                            trainable="none",
+                                                            embedded_guidance=cfg.model.embedded_guidance)
     dataset = PromptEmbeddingDataset(args.prompts, pooled_dim=pooled_dim_of(args.model))
     prompts, captions = dataset.conditioning(range(len(dataset)))
     if is_toy_reward(args.orm):
@@ -467,9 +483,10 @@ def run(args: argparse.Namespace, cfg: RunConfig, opts: PRMTrainOptions, log: Ca
     rollout_seconds = time.perf_counter() - t0
     train_rows, held_rows = split_groups(data, opts.heldout_fraction, opts.seed)
     labels, label_info = make_labels(data.outcome, opts.label, train_rows, opts.threshold)
-    prm = LatentPRM.from_policy(policy.transformer, opts.num_dual_blocks, opts.num_single_blocks,
-                                num_queries=opts.num_queries, embedded_guidance=policy.embedded_guidance,
-                                use_sigmoid=False)
+    prm = PRMS.component_class(TRAINED_PRM_KIND).from_policy(
+        policy.transformer, opts.num_dual_blocks, opts.num_single_blocks, num_queries=opts.num_queries,
+        embedded_guidance=policy.embedded_guidance, use_sigmoid=False,
+    )
     prm.requires_grad_(True)
     prm.label = {**label_info, "orm": args.orm}
     data = LabelledRollouts(data.states, data.sigmas, data.x0_hat, data.outcome, data.group_ids,

@@ -27,7 +27,7 @@ import importlib
 from importlib import metadata
 from typing import Any, Callable, Iterable
 
-__all__ = ["CODECS", "ORMS", "POLICIES", "PRMS", "Registry", "RegistryError", "load_plugins"]
+__all__ = ["CODECS", "ORMS", "POLICIES", "PRMS", "Registry", "RegistryError", "load_plugins", "plugin_dirs"]
 
 ENTRY_POINT_GROUP = "euphonium_ray.plugins"
 
@@ -79,6 +79,17 @@ class Registry:
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.get(name)(*args, **kwargs)
 
+    def component_class(self, name: str) -> type:
+        """The class behind ``name``: the entry itself when it is a class, else the class whose classmethod it is
+        (``"module:LatentPRM.from_run_config"`` -> ``LatentPRM``). For callers that make a component another way
+        than through its factory (``train-prm`` builds a fresh PRM from the policy's blocks)."""
+        entry = self.get(name)
+        owner = entry if isinstance(entry, type) else getattr(entry, "__self__", None)
+        if not isinstance(owner, type):
+            raise RegistryError(f"{self.kind} {name!r} is registered as {entry!r}, which is neither a class nor a "
+                                "classmethod of one")
+        return owner
+
 
 def _import_target(path: str, what: str) -> Any:
     module_name, _, attr_path = path.partition(":")
@@ -114,6 +125,34 @@ def load_plugins(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             raise RegistryError(f"plugin module {name!r} (config key 'plugins') cannot be imported: {exc}") from exc
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's module: one line naming it and what it raised
+            raise RegistryError(f"plugin module {name!r} (config key 'plugins') failed while importing: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+
+def plugin_dirs(modules: Iterable[str]) -> list[str]:
+    """The folders the (already imported) plugin modules were found in, outside the interpreter's own
+    site-packages: what a process started elsewhere (a Ray worker) needs on its path to import them too."""
+    import site
+    import sys
+    from pathlib import Path
+
+    own = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    out: list[str] = []
+    for name in modules:
+        top = sys.modules.get(name.split(".")[0])
+        if top is None:
+            continue
+        paths = list(getattr(top, "__path__", []))  # a package: its parent folder holds it
+        origin = Path(paths[0]) if paths else Path(getattr(top, "__file__", "") or "")
+        if not str(origin):
+            continue
+        folder = str(origin.resolve().parent)
+        if folder not in own and folder not in out:
+            out.append(folder)
+    return out
 
 
 POLICIES = Registry("policy family", {

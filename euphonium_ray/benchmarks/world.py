@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -22,9 +22,12 @@ from torch import Tensor
 from euphonium_ray.config import ConfigError, RunConfig
 from euphonium_ray.data import PromptEmbeddingDataset, heldout_split, write_subset_index
 from euphonium_ray.models.base import OutcomeRewardModel, TextConditioning
-from euphonium_ray.models.hunyuan import HunyuanVideoPolicy, set_tf32
-from euphonium_ray.models.prm import LatentPRM
-from euphonium_ray.registry import ORMS, PRMS
+from euphonium_ray.models.hunyuan import set_tf32
+from euphonium_ray.registry import ORMS, POLICIES, PRMS
+
+if TYPE_CHECKING:  # the classes are resolved through the registries at run time
+    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+    from euphonium_ray.models.prm import LatentPRM
 
 WorldSource = Literal["toy", "random"]
 TOY_ASSETS = Path(__file__).resolve().parents[1] / "toy" / "assets"
@@ -91,7 +94,8 @@ def _random_paths(cfg: RunConfig, work_dir: Path, seed: int, log: Callable[[str]
         channels = codec.latent_shape(toy.frames, toy.size, toy.size)[0]
         transformer = new_transformer(toy, channels, seed)
         save_transformer(transformer, out / "transformer", {"random_init_seed": seed})
-        LatentPRM.from_policy(transformer, num_dual_blocks=1, num_single_blocks=0).save_pretrained(prm_dir)
+        PRMS.component_class("latent").from_policy(transformer, num_dual_blocks=1,
+                                                   num_single_blocks=0).save_pretrained(prm_dir)
     return WorldPaths("random", out, out / EMBEDDINGS_INDEX, prm_dir,
                       {"model_dir": str(out), "prm_dir": str(prm_dir), "note": "random init: pipeline check only"})
 
@@ -138,7 +142,7 @@ class BenchWorld:
         """A fresh copy of the base policy (fp32 master weights), read from the model folder; LoRA adapters are
         drawn from ``seed`` (the run's seed)."""
         m = self.cfg.model
-        return HunyuanVideoPolicy.from_pretrained(
+        return POLICIES.get(m.family).from_pretrained(
             self.paths.model_dir, dtype=torch.float32, device=self.device, checkpoint=m.checkpoint,
             trainable=trainable, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_seed=seed,
             embedded_guidance=m.embedded_guidance,
@@ -159,8 +163,8 @@ class BenchWorld:
             raise ConfigError(f"no trained PRM at {path} (rewards.prm.path of task reward {cfg.rewards.orm.backend!r}); "
                               f"train one with `euphonium-ray train-prm --orm {cfg.rewards.orm.backend}`")
         if path not in self._latent_prms:
-            self._latent_prms[path] = LatentPRM.from_pretrained(path, device=self.device,
-                                                                dtype=torch.float32).requires_grad_(False)
+            self._latent_prms[path] = PRMS.component_class("latent").from_pretrained(
+                path, device=self.device, dtype=torch.float32).requires_grad_(False)
         return self._latent_prms[path]
 
     def conditioning(self, prompt_indices: list[int], repeats: int = 1) -> tuple[TextConditioning, list[str]]:

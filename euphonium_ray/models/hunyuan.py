@@ -92,6 +92,7 @@ class HunyuanVideoPolicy:
         lora_rank: int = 16,
         lora_alpha: float = 16.0,
         lora_seed: int = 0,
+        lora_dtype: torch.dtype | str | None = None,
         embedded_guidance: float = EMBEDDED_GUIDANCE,
         gradient_checkpointing: bool = False,
         autocast_dtype: torch.dtype | str | None = None,
@@ -103,7 +104,8 @@ class HunyuanVideoPolicy:
         """Load ``path/transformer`` (and the codec from ``path/vae``), then ``checkpoint`` over it, then LoRA.
 
         ``dtype`` is the weight dtype (bf16 for rollout copies, fp32 for a learner's master weights); LoRA adapters
-        are initialised from ``lora_seed`` (the run's seed);
+        are initialised from ``lora_seed`` (the run's seed), in ``lora_dtype`` (default: ``dtype``; a learner on a
+        bf16 base keeps fp32 adapters);
         ``autocast_dtype`` (e.g. bf16 on GPU) runs the forward under autocast. ``trainable="none"`` freezes all.
         Attention is diffusers' default, PyTorch SDPA; ``attention_backend`` picks another diffusers backend
         (e.g. ``"flash"`` with flash-attn installed, or ``"_native_cudnn"``).
@@ -128,6 +130,10 @@ class HunyuanVideoPolicy:
             load_transformer_checkpoint(transformer, checkpoint)
         if trainable == "lora":
             add_lora(transformer, rank=lora_rank, alpha=lora_alpha, seed=lora_seed)
+            if lora_dtype is not None:
+                for name, param in transformer.named_parameters():
+                    if "lora_" in name:
+                        param.data = param.data.to(resolve_dtype(lora_dtype))
         elif trainable == "full":
             transformer.requires_grad_(True)
         elif trainable == "none":

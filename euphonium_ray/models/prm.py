@@ -255,18 +255,25 @@ class LatentPRM(nn.Module):
             if not needed.is_file():
                 raise PRMLoadError(f"PRM folder {folder} has no {needed.name} (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
         cfg = _read_config(cfg_path)
+        previous = torch.get_default_dtype()
+        # built where it will run, in its dtype: the random init of a full-size backbone (billions of parameters)
+        # in fp32 on the CPU costs as long as loading it; the weights below overwrite it either way
+        torch.set_default_dtype(dtype)
         try:
-            prm = cls(
-                cfg["backbone"],
-                num_queries=int(cfg.get("num_queries", 1)),
-                pool_heads=cfg.get("pool_heads"),
-                head_hidden=cfg.get("head_hidden"),
-                embedded_guidance=float(cfg.get("embedded_guidance", 6018.0)),
-                use_sigmoid=bool(cfg.get("use_sigmoid", False)) if use_sigmoid is None else use_sigmoid,
-                label=cfg.get("label"),
-            )
+            with torch.device(device):
+                prm = cls(
+                    cfg["backbone"],
+                    num_queries=int(cfg.get("num_queries", 1)),
+                    pool_heads=cfg.get("pool_heads"),
+                    head_hidden=cfg.get("head_hidden"),
+                    embedded_guidance=float(cfg.get("embedded_guidance", 6018.0)),
+                    use_sigmoid=bool(cfg.get("use_sigmoid", False)) if use_sigmoid is None else use_sigmoid,
+                    label=cfg.get("label"),
+                )
         except (TypeError, ValueError) as exc:
             raise PRMLoadError(f"{cfg_path}: cannot build the PRM from this config: {exc}") from None
+        finally:
+            torch.set_default_dtype(previous)
         try:
             with safe_open(str(weights_path), framework="pt", device="cpu") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}

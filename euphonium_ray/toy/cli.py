@@ -76,9 +76,9 @@ def main(argv: list[str]) -> int:
 
             prm = None
             if args.prm:
-                from euphonium_ray.models.prm import LatentPRM
+                from euphonium_ray.prm_training import load_prm_folder
 
-                prm = LatentPRM.from_pretrained(args.prm, device=args.device or "cpu")
+                prm = load_prm_folder(args.prm, cfg, args.device or "cpu")
             report = write_samples(args.dir, args.out, cfg, count=args.count, seed=args.seed,
                                    noise_type=args.noise_type, prm=prm, device=args.device or "cpu")
             for key, path in report.paths.items():

@@ -14,8 +14,8 @@ import torch
 
 from euphonium_ray.config import RunConfig
 from euphonium_ray.toy.data import ShapesWorld
-from euphonium_ray.toy.orm import TERM_NAMES, ORMTerms, ToyPixelORM
-from euphonium_ray.toy.samples import generate, load_policy, model_conditioning, sample_captions
+from euphonium_ray.toy.orm import TERM_NAMES, ORMTerms
+from euphonium_ray.toy.samples import caption_judge, generate, load_policy, model_conditioning, sample_captions
 
 
 @dataclass
@@ -40,15 +40,15 @@ def _means(terms: ORMTerms) -> dict[str, float]:
 def calibrate(model_dir: str | Path, cfg: RunConfig, *, count: int = 48, seed: int = 0, batch: int = 48,
               device: str = "cpu") -> Calibration:
     """Mean ORM terms of ``count`` videos from each source (captions cycle through the world's prompts)."""
-    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
     from euphonium_ray.toy.pretrain import new_transformer
 
     world = ShapesWorld(cfg.toy)
-    orm = ToyPixelORM.from_config(cfg.toy)
+    orm = caption_judge(cfg)
     base = load_policy(model_dir, device)
     shape = base.codec.latent_shape(cfg.toy.frames, cfg.toy.size, cfg.toy.size)
-    random_init = HunyuanVideoPolicy(new_transformer(cfg.toy, shape[0], seed + 1000).eval().to(device), base.codec,
-                                     embedded_guidance=base.embedded_guidance)
+    # the same (registered) policy class as the base, around a freshly initialised transformer
+    random_init = type(base)(new_transformer(cfg.toy, shape[0], seed + 1000).eval().to(device), base.codec,
+                             embedded_guidance=base.embedded_guidance)
     random_init.transformer.requires_grad_(False)
     captions = sample_captions(world, count)
     cond = model_conditioning(model_dir, captions, base.pooled_dim)

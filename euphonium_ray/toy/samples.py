@@ -21,7 +21,6 @@ from torch import Tensor
 from euphonium_ray.config import RunConfig
 from euphonium_ray.models.base import ProcessRewardModel
 from euphonium_ray.toy.data import ShapesWorld
-from euphonium_ray.toy.orm import ToyPixelORM
 
 SCALE = 4  # pixels per video pixel in the images
 LABEL_WIDTH = 230
@@ -70,9 +69,17 @@ def write_gif(videos: Tensor, path: str | Path, columns: int = 8, scale: int = S
 
 
 def load_policy(model_dir: str | Path, device: str | torch.device = "cpu"):
-    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+    """The toy model folder's frozen policy (``registry.POLICIES["toy"]``)."""
+    from euphonium_ray.registry import POLICIES
 
-    return HunyuanVideoPolicy.from_pretrained(model_dir, trainable="none", device=device)
+    return POLICIES.get("toy").from_pretrained(model_dir, trainable="none", device=device)
+
+
+def caption_judge(cfg: RunConfig, device: str | torch.device = "cpu"):
+    """The toy world's caption-faithfulness judge (``registry.ORMS["toy"]``) that labels the sample grids."""
+    from euphonium_ray.registry import ORMS
+
+    return ORMS.build("toy", cfg, device)
 
 
 def model_conditioning(model_dir: str | Path, captions: list[str], pooled_dim: int):
@@ -141,7 +148,7 @@ def write_samples(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(cfg.toy)
-    orm = ToyPixelORM.from_config(cfg.toy)
+    orm = caption_judge(cfg)
     policy = load_policy(model_dir, device)
     captions = sample_captions(world, count)
     cond = model_conditioning(model_dir, captions, policy.pooled_dim)
