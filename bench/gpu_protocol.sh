@@ -2,10 +2,13 @@
 # bench/PROTOCOL.md on one GPU, start to end, with its pre-registered rules applied mechanically:
 #   A. the baseline's grid (DanceGRPO; same_initial_noise x lr) on the pilot seeds -> bench/pilot_select.py baseline
 #   B. the Euphonium variants (+ oracle controls) on the pilot seeds, at the chosen base -> pilot_select.py variant
-#   C. the final run on the final seeds (5 methods x 3 tasks, 8 seeds per batched ensemble), and beside it one
+#   C. the final run on the final seeds (5 methods on one task per command, 8 seeds per batched ensemble), beside it one
 #      method again through the Ray driver on the same GPU.
 # Every stage has a time limit, logs to $OUT as it goes and is packed into $OUT as soon as it ends.
-#   . /tmp/site/env.sh && OUT=out bash bench/gpu_protocol.sh
+# One GPU command (10 minutes at most) runs one part (PROTOCOL.md, amendment 1):
+#   STAGE=pilots bash bench/gpu_protocol.sh               # A and B on the pilot tasks; the selections come back
+#   STAGE=final TASKS=centered bash bench/gpu_protocol.sh  # C on one task, after the selections are committed
+#   . /tmp/site/env.sh && OUT=out STAGE=... bash bench/gpu_protocol.sh
 set -uo pipefail
 OUT=${OUT:-outputs/protocol-out}
 W=${WORK:-/tmp/protocol}
@@ -13,7 +16,11 @@ PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 PILOT_SEEDS=${PILOT_SEEDS:-"100 101 102 103"}
 FINAL_SEEDS=${FINAL_SEEDS:-"1000 1001 1002 1003 1004 1005 1006 1007"}
-PILOT_STEPS=${PILOT_STEPS:-60}
+PILOT_STEPS=${PILOT_STEPS:-40}
+STAGE=${STAGE:-pilots}
+PILOT_TASKS=${PILOT_TASKS:-"centered motion"}
+TASKS=${TASKS:-centered}
+FINAL_STEPS=${FINAL_STEPS:-60}
 mkdir -p "$OUT" "$W"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/protocol.log"; }
 pack() { tar -czf "$OUT/$1.tar.gz" -C "$W" --exclude='*/world/*' "${@:2}" 2>/dev/null && log "packed $1 ($(du -h "$OUT/$1.tar.gz" | cut -f1))"; }
@@ -21,6 +28,8 @@ EXTRA=(); for s in ${EXTRA_SETS:-}; do EXTRA+=(--set "$s"); done  # a dry run's 
 [ -n "${EVAL_SAMPLES:-}" ] && EXTRA+=(--eval-samples-per-prompt "$EVAL_SAMPLES")
 BENCH=($PY -m euphonium_ray.cli bench convergence --device "$DEVICE")
 
+if [ "$STAGE" = pilots ]; then
+PILOT=(--tasks $PILOT_TASKS)
 log "A: baseline grid, $PILOT_STEPS steps, pilot seeds $PILOT_SEEDS"
 timeout ${NUM_TIMEOUT:-100} $PY bench/gpu_numerics.py --device "$DEVICE" --out "$W/numerics.json" \
   --work "$W/numerics-world" >"$W/numerics.log" 2>&1 &
@@ -28,8 +37,8 @@ grid=()
 for noise in true false; do
   for lr in 1.0e-4 3.0e-4; do
     g="$W/grid-noise_$noise-lr_$lr"; grid+=("$g")
-    timeout ${A_TIMEOUT:-140} "${BENCH[@]}" "${EXTRA[@]}" --methods dance-grpo --seed-list $PILOT_SEEDS --seeds-per-unit 4 --workers ${A_WORKERS:-3} \
-      --max-minutes ${A_MINUTES:-2.0} --set steps=$PILOT_STEPS --set sampler.same_initial_noise=$noise \
+    timeout ${A_TIMEOUT:-190} "${BENCH[@]}" "${EXTRA[@]}" "${PILOT[@]}" --methods dance-grpo --seed-list $PILOT_SEEDS --seeds-per-unit 4 --workers ${A_WORKERS:-2} \
+      --max-minutes ${A_MINUTES:-2.9} --set steps=$PILOT_STEPS --set sampler.same_initial_noise=$noise \
       --set optim.lr=$lr --out "$g" >"$g.log" 2>&1 &
   done
 done
@@ -41,27 +50,36 @@ pack stage-a $(cd "$W" && ls -d grid-* numerics.json numerics.log selected_base.
 SETS=(); while read -r s; do [ -n "$s" ] && SETS+=(--set "$s"); done <"$W/selected_base.sets"
 
 log "B: variants at ${SETS[*]}, $PILOT_STEPS steps"
-timeout ${B_TIMEOUT:-170} "${BENCH[@]}" "${EXTRA[@]}" --methods dance-grpo euph-credit euph-credit-half05 euph-credit-half20 \
-  euph-credit-half20-glp euph-credit-half20-distill oracle-credit oracle-credit-half20 \
-  --seed-list $PILOT_SEEDS --seeds-per-unit 4 --workers ${B_WORKERS:-12} --max-minutes ${B_MINUTES:-2.5} \
+timeout ${B_TIMEOUT:-320} "${BENCH[@]}" "${EXTRA[@]}" "${PILOT[@]}" --methods dance-grpo euph-credit euph-credit-half05 euph-credit-half20 \
+  euph-credit-half20-distill \
+  --seed-list $PILOT_SEEDS --seeds-per-unit 4 --workers ${B_WORKERS:-10} --max-minutes ${B_MINUTES:-4.9} \
   --set steps=$PILOT_STEPS "${SETS[@]}" --out "$W/variants" >"$W/variants.log" 2>&1
 $PY -m euphonium_ray.cli bench convergence --report-only --out "$W/variants" >/dev/null 2>&1
 $PY bench/pilot_select.py variant --pilot "$W/variants" --out "$W/selected_variant" 2>&1 | tee -a "$OUT/protocol.log"
 cp bench/configs/euphonium-best.yaml bench/configs/oracle-control.yaml "$W/" 2>/dev/null
+cp "$W/selected_base.sets" "$W/selected_base.json" "$OUT/" 2>/dev/null
 pack stage-b variants variants.log selected_variant.json euphonium-best.yaml oracle-control.yaml
 [ -f bench/configs/euphonium-best.yaml ] || { log "no variant selected: stop"; exit 1; }
+log "pilots done: commit the selections (base.yaml, euphonium-best.yaml, oracle-control.yaml), then STAGE=final"
+exit 0
+fi
 
-log "C: final, final seeds $FINAL_SEEDS; and dance-grpo/centered/seed 1000 through Ray beside it"
+# C: the selections are committed in bench/configs/ (base.yaml carries the chosen baseline pair): no --set here.
+for f in euphonium-best oracle-control; do
+  [ -f "bench/configs/$f.yaml" ] || { log "bench/configs/$f.yaml is missing: run and commit STAGE=pilots first"; exit 2; }
+done
+SETS=(--set steps=$FINAL_STEPS)
+log "C: final on $TASKS, $FINAL_STEPS steps, final seeds $FINAL_SEEDS; and dance-grpo/centered/seed 1000 through Ray beside it"
 GPU_SHARES=(); [ "$DEVICE" = cuda ] && GPU_SHARES=(--set cluster.rollout_gpus=0.2 --set cluster.learner_gpus=0.2 \
   --set cluster.orm_gpus=0.1 --set cluster.prm_gpus=0.1)
-timeout ${RAY_TIMEOUT:-250} "${BENCH[@]}" "${EXTRA[@]}" --ray --methods dance-grpo --tasks centered --seed-list 1000 \
+[ "$TASKS" = centered ] && timeout ${RAY_TIMEOUT:-400} "${BENCH[@]}" "${EXTRA[@]}" --ray --methods dance-grpo --tasks centered --seed-list 1000 \
   "${SETS[@]}" --set cluster.num_cpus=${RAY_CPUS:-8} "${GPU_SHARES[@]}" --out "$W/final-ray" >"$W/final-ray.log" 2>&1 &
-timeout ${C_TIMEOUT:-250} "${BENCH[@]}" "${EXTRA[@]}" --methods flow-grpo dance-grpo euphonium euphonium-best oracle-control \
-  --seed-list $FINAL_SEEDS --seeds-per-unit 8 --workers ${C_WORKERS:-10} --max-minutes ${C_MINUTES:-3.7} \
+timeout ${C_TIMEOUT:-520} "${BENCH[@]}" "${EXTRA[@]}" --tasks $TASKS --methods flow-grpo dance-grpo euphonium euphonium-best oracle-control \
+  --seed-list $FINAL_SEEDS --seeds-per-unit 8 --workers ${C_WORKERS:-5} --max-minutes ${C_MINUTES:-8.2} \
   "${SETS[@]}" --out "$W/final" >"$W/final.log" 2>&1
 $PY -m euphonium_ray.cli bench convergence --report-only --out "$W/final" >"$W/final-report.log" 2>&1
 wait
-$PY -m euphonium_ray.cli bench convergence --report-only --out "$W/final-ray" >"$W/final-ray-report.log" 2>&1
+[ "$TASKS" = centered ] && $PY -m euphonium_ray.cli bench convergence --report-only --out "$W/final-ray" >"$W/final-ray-report.log" 2>&1
 grep -E "^### task|^\| (flow|dance|euphonium|oracle)" "$W/final-report.log" | tee -a "$OUT/protocol.log"
-pack final final final.log final-report.log final-ray final-ray.log final-ray-report.log
+pack "final-$TASKS" final final.log final-report.log final-ray final-ray.log final-ray-report.log
 log "done"
