@@ -51,8 +51,8 @@ SETS=(); while read -r s; do [ -n "$s" ] && SETS+=(--set "$s"); done <"$W/select
 
 log "B: variants at ${SETS[*]}, $PILOT_STEPS steps"
 timeout ${B_TIMEOUT:-320} "${BENCH[@]}" "${EXTRA[@]}" "${PILOT[@]}" --methods dance-grpo euph-credit euph-credit-half05 euph-credit-half20 \
-  euph-credit-half20-distill \
-  --seed-list $PILOT_SEEDS --seeds-per-unit 4 --workers ${B_WORKERS:-10} --max-minutes ${B_MINUTES:-4.9} \
+  euph-credit-half20-glp euph-credit-half20-distill \
+  --seed-list $PILOT_SEEDS --seeds-per-unit 4 --workers ${B_WORKERS:-12} --max-minutes ${B_MINUTES:-4.9} \
   --set steps=$PILOT_STEPS "${SETS[@]}" --out "$W/variants" >"$W/variants.log" 2>&1
 $PY -m euphonium_ray.cli bench convergence --report-only --out "$W/variants" >/dev/null 2>&1
 $PY bench/pilot_select.py variant --pilot "$W/variants" --out "$W/selected_variant" 2>&1 | tee -a "$OUT/protocol.log"
