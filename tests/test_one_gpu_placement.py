@@ -19,7 +19,8 @@ QUARTERS = [f"cluster.{role}_gpus=0.25" for role in ("rollout", "prm", "orm", "l
 
 
 def _toy(*sets: str):
-    return load_config(ROOT / "configs" / "toy.yaml", list(sets), use_env=False)
+    """The toy config with a PRM pool (it scores the latent outcome), so that all four roles are placed."""
+    return load_config(ROOT / "configs" / "toy.yaml", ["rewards.latent_outcome=true", *sets], use_env=False)
 
 
 def test_four_roles_on_quarter_shares_ask_for_exactly_one_gpu_and_sync_weights_through_the_object_store():

@@ -63,7 +63,8 @@ def test_a_prm_adds_guided_samples_from_the_same_seeds(built: Path, tmp_path: Pa
     from euphonium_ray.models.prm import LatentPRM
     from euphonium_ray.toy.samples import load_policy
 
-    cfg = load_config(CONFIG, ["rgg.scale=50.0", "sampler.num_steps=6", "rgg.start=3"], use_env=False)
+    cfg = load_config(CONFIG, ["rgg.scale_mode=fixed", "rgg.scale=50.0", "rgg.normalize=true",
+                                      "sampler.num_steps=6", "rgg.start=3"], use_env=False)
     prm = LatentPRM.from_policy(load_policy(built).transformer, num_dual_blocks=1)
     first = write_samples(built, tmp_path / "a", cfg, count=2, prm=prm)
     again = write_samples(built, tmp_path / "b", cfg, count=2)
@@ -72,3 +73,17 @@ def test_a_prm_adds_guided_samples_from_the_same_seeds(built: Path, tmp_path: Pa
     base = (tmp_path / "a" / "base_samples.png").read_bytes()
     assert base == (tmp_path / "b" / "base_samples.png").read_bytes()
     assert (tmp_path / "a" / "guided_samples.png").read_bytes() != base  # the gradient moved the guided ones
+
+
+def test_guided_samples_on_the_ode_sampler_with_target_ratio_guidance_are_refused_in_one_line(built: Path,
+                                                                                              tmp_path: Path) -> None:
+    """Target-ratio guidance is a fraction of the step's noise: on the ODE sampler it would be zero, and the
+    'guided' grid would silently repeat the base one."""
+    from euphonium_ray.models.prm import LatentPRM
+    from euphonium_ray.toy.samples import load_policy
+
+    cfg = load_config(CONFIG, ["rgg.scale_mode=target_ratio", "sampler.num_steps=4"], use_env=False)
+    prm = LatentPRM.from_policy(load_policy(built).transformer, num_dual_blocks=1)
+    with pytest.raises(ValueError, match=r"^guided samples on the ODE sampler need rgg\.scale_mode fixed or kl"):
+        write_samples(built, tmp_path / "a", cfg, count=2, prm=prm)
+    assert not (tmp_path / "a").exists()

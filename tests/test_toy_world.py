@@ -112,6 +112,6 @@ def test_toy_config_rejects_inverted_ranges_and_indivisible_latents() -> None:
 
 def test_committed_toy_config_loads() -> None:
     cfg = load_config("configs/toy.yaml", use_env=False)
-    assert cfg.model.family == "toy" and cfg.rewards.orm.backend == "toy"
+    assert cfg.model.family == "toy" and cfg.rewards.orm.backend == "toy-centered"  # the demo's task
     assert (cfg.data.height, cfg.data.width, cfg.data.num_frames) == (cfg.toy.size, cfg.toy.size, cfg.toy.frames)
     ShapesWorld(cfg.toy)

@@ -145,6 +145,10 @@ def write_samples(
     device: str = "cpu",
 ) -> SampleReport:
     """PNG grid + GIF of base samples (and of guided samples when ``prm`` is given); ORM means in the report."""
+    if prm is not None and noise_type == "ode" and cfg.rgg.scale_mode == "target_ratio":
+        raise ValueError("guided samples on the ODE sampler need rgg.scale_mode fixed or kl: target_ratio guidance is "
+                         "a fraction of the step's noise, which the ODE sampler does not draw (pass --noise-type dance "
+                         "or --set rgg.scale_mode=fixed)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(cfg.toy)
