@@ -225,13 +225,12 @@ class Trajectories:
     def from_dict(d: dict[str, Any]) -> "Trajectories":
         tensor_names = [f.name for f in fields(Trajectories) if f.name not in ("cond", "captions", "group_size",
                                                                                    "weight_version")]
-        tensor_names = [n for n in tensor_names if n not in _OPTIONAL or n in d]
-        missing = [n for n in tensor_names + [_COND_PREFIX + "prompt_embeds"] if n not in d]
+        missing = [n for n in tensor_names + [_COND_PREFIX + "prompt_embeds"] if n not in d and n not in _OPTIONAL]
         if missing:
             raise TrajectoryError(f"trajectory dict is missing {missing}")
         cond = TextConditioning.from_dict({k[len(_COND_PREFIX):]: v for k, v in d.items() if k.startswith(_COND_PREFIX)})
         return Trajectories(
-            **{n: d[n] for n in tensor_names},
+            **{n: d.get(n) for n in tensor_names},  # a field left out (``without``) comes back as None
             cond=cond,
             captions=list(d.get("captions", [])),
             group_size=int(d.get("group_size", 1)),
