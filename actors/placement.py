@@ -158,8 +158,8 @@ def _options(pg: PlacementGroup | None, index: int, bundle: dict[str, float], cf
 
 def start_roles(cfg: RunConfig, store: Any, *, sync_backend: str, timeout_s: float = 120.0) -> RoleActors:
     """Reserve each role's placement group, start its actors and wait until every one has loaded its model."""
-    from actors.reward import ORMScorer, PRMScorer, ScorerPool
-    from actors.rollout import RolloutWorker
+    from euphonium_ray.actors.reward import ORMScorer, PRMScorer, ScorerPool
+    from euphonium_ray.actors.rollout import RolloutWorker
 
     payload = cfg.model_dump(mode="json")
     bundles = role_bundles(cfg)

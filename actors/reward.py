@@ -22,7 +22,7 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.common import (actor_device, build_orm, config_from, load_codec_for, load_prm, memory_report,
+from euphonium_ray.actors.common import (actor_device, build_orm, config_from, load_codec_for, load_prm, memory_report,
                            release_cached_memory, set_threads)
 from euphonium_ray.models.base import TextConditioning
 

@@ -15,9 +15,9 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import (actor_device, config_from, load_codec_for, load_policy, load_prm, memory_report,
+from euphonium_ray.actors.common import (actor_device, config_from, load_codec_for, load_policy, load_prm, memory_report,
                            release_cached_memory, set_threads)
-from actors.weights import StaleWeightsError, make_weight_sync, state_digest
+from euphonium_ray.actors.weights import StaleWeightsError, make_weight_sync, state_digest
 from euphonium_ray.metrics import rss_bytes
 from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.learning import unused_by_learner, wants_output_rewards

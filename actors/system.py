@@ -18,10 +18,10 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.learner import start_learner
-from actors.placement import RoleActors, needs_prm_pool, start_roles
-from actors.reward import RETRYABLE, ScorerPool
-from actors.weights import WeightStore
+from euphonium_ray.actors.learner import start_learner
+from euphonium_ray.actors.placement import RoleActors, needs_prm_pool, start_roles
+from euphonium_ray.actors.reward import RETRYABLE, ScorerPool
+from euphonium_ray.actors.weights import WeightStore
 from euphonium_ray.config import RunConfig
 from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.sampling import sample_seed, seeds_for

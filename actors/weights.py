@@ -28,6 +28,8 @@ import ray
 import torch
 from torch import Tensor
 
+from euphonium_ray.checkpoint import state_nbytes
+
 __all__ = [
     "CollectiveSync",
     "ObjectStoreSync",
@@ -35,28 +37,11 @@ __all__ = [
     "WeightStore",
     "WeightSync",
     "make_weight_sync",
-    "state_digest",
-    "state_nbytes",
 ]
 
 
 class StaleWeightsError(RuntimeError):
     """A rollout worker could not get weights at least as new as the step requires."""
-
-
-def state_nbytes(state: dict[str, Tensor]) -> int:
-    return int(sum(t.numel() * t.element_size() for t in state.values()))
-
-
-def state_digest(state: dict[str, Tensor]) -> str:
-    """A hash of names, dtypes and exact bytes: equal digests mean bit-identical parameters."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @ray.remote(num_cpus=0)

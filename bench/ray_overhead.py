@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.common import build_orm, load_codec_for, load_policy, load_prm  # noqa: E402
+from euphonium_ray.roles import build_orm, load_codec_for, load_policy, load_prm  # noqa: E402
 from euphonium_ray.config import RunConfig, load_config  # noqa: E402
 from euphonium_ray.driver import prepare_inputs, resolve_paths  # noqa: E402
 from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402

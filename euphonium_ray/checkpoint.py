@@ -171,6 +171,21 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def state_nbytes(state: dict[str, Tensor]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """A hash of names, dtypes and exact bytes: equal digests mean bit-identical parameters."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _fsync_tree(folder: Path) -> None:
     for dirpath, _, files in os.walk(folder):
         for name in files:

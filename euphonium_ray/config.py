@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -16,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from euphonium_ray.registry import ORMS, POLICIES, PRMS, Registry, RegistryError, load_plugins
+from euphonium_ray.sde import SDE, kl_mode_scale, sigma_schedule
 
 
 class ConfigError(ValueError):
@@ -85,6 +88,14 @@ class SamplerConfig(Section):
     same_initial_noise: bool = True
     timestep_arithmetic: Literal["fp64", "fp32"] = "fp64"  # fp32: upstream's σ schedule and int(1000σ) (sde.py)
 
+    def schedule(self) -> Any:
+        """The σ schedule (N+1 values, 1 → 0) these settings sample on."""
+        return sigma_schedule(self.num_steps, self.shift, self.timestep_arithmetic)
+
+    def sde(self, sigmas: Any = None) -> SDE:
+        """The SDE these settings sample with, on ``sigmas`` (default: :meth:`schedule`)."""
+        return SDE.on_schedule(self.noise_type, self.eta, self.flow_a, self.schedule() if sigmas is None else sigmas)
+
 
 class GuidanceWindow(Section):
     """Where and how strongly a reward gradient shifts the sampler's mean.
@@ -113,7 +124,7 @@ class GuidanceWindow(Section):
     def effective_scale(self, eta: float) -> float:
         """The guidance scale c; "kl" mode derives it from the SDE noise: c = η²/(2β) (``target_ratio`` mode has
         no constant: see ``sde.target_ratio_shift``)."""
-        return eta**2 / (2 * self.kl_beta) if self.scale_mode == "kl" else self.scale
+        return kl_mode_scale(eta, self.kl_beta) if self.scale_mode == "kl" else self.scale
 
     def guided_members(self, group_size: int) -> int:
         """How many members of each group are guided."""
@@ -159,6 +170,15 @@ class PRMConfig(Section):
         return _registered(PRMS, v, "rewards.prm.kind")
 
 
+class VLLMJudgeConfig(Section):
+    """The vLLM judge's server (``rewards.orm.backend: vllm`` with a model folder as ``path``)."""
+
+    venv: str = ".venv-vllm"  # the environment vLLM runs from (scripts/vllm_env.sh builds it)
+    args: list[str] = Field(default_factory=list)  # extra server flags, e.g. [--tensor-parallel-size, "2"]
+    startup_timeout_s: float = Field(default=900.0, gt=0)  # for /health to answer
+    request_timeout_s: float = Field(default=600.0, gt=0)  # one judge request
+
+
 class ORMConfig(Section):
     """The pixel-space outcome reward model."""
 
@@ -170,6 +190,7 @@ class ORMConfig(Section):
     image_size: int = Field(default=448, ge=8)
     coef: float = 1.0
     dtype: Literal["fp32", "bf16"] = "bf16"
+    vllm: VLLMJudgeConfig = VLLMJudgeConfig()
 
     @field_validator("backend")
     @classmethod
@@ -230,6 +251,17 @@ class OptimConfig(Section):
     distill_coef: float = Field(default=0.0, ge=0)
 
 
+class TimeoutsConfig(Section):
+    """How long the driver and the actors wait before they give up, in seconds."""
+
+    reserve_s: float = Field(default=120.0, gt=0)  # one role's placement group
+    start_s: float = Field(default=600.0, gt=0)  # the role actors' model loading, the learner's start
+    step_s: float = Field(default=3600.0, gt=0)  # the learner's answer for one step
+    weights_s: float = Field(default=600.0, gt=0)  # a rollout worker's wait for a weight version / a broadcast
+    rendezvous_s: float = Field(default=60.0, gt=0)  # rollout workers joining the weight-broadcast group
+    shutdown_s: float = Field(default=120.0, gt=0)  # the learner's stop; the scorers' closing of their servers
+
+
 class ClusterConfig(Section):
     """Ray placement: how many actors of each role and what each one gets."""
 
@@ -251,6 +283,16 @@ class ClusterConfig(Section):
     max_actor_restarts: int = Field(default=2, ge=0)
     max_task_retries: int = Field(default=2, ge=0)
     resources: dict[str, dict[str, float]] = Field(default_factory=dict)  # role -> custom resources (KubeRay groups)
+    # how weights reach the rollout workers: "auto" is a collective (NCCL) broadcast when the learner and the
+    # rollout workers have whole GPUs each, else the object store (NCCL refuses two members on one GPU)
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+
+    def weight_sync_backend(self) -> str:
+        """The transport ``weight_sync`` resolves to."""
+        if self.weight_sync != "auto":
+            return self.weight_sync
+        return "collective" if self.learner_gpus >= 1 and self.rollout_gpus >= 1 else "object_store"
 
 
 class OutputConfig(Section):
@@ -422,6 +464,15 @@ UPSTREAM_ENV: dict[str, tuple[str, str]] = {
     "LATENT_REWARD_IN_TRL_REWARD_DTYPE": ("rewards.prm.dtype", "str"),
 }
 
+# Our own former environment variables: deprecated aliases of their config keys (docs/config.md), read like the
+# upstream ones (under --set, ignored with --no-env), each with a warning naming the key to use instead.
+DEPRECATED_ENV: dict[str, tuple[str, str]] = {
+    "EUPHONIUM_WEIGHT_SYNC": ("cluster.weight_sync", "str"),
+    "EUPHONIUM_VLLM_VENV": ("rewards.orm.vllm.venv", "str"),
+    "EUPHONIUM_VLLM_ARGS": ("rewards.orm.vllm.args", "args"),
+    "EUPHONIUM_VLLM_STARTUP_TIMEOUT": ("rewards.orm.vllm.startup_timeout_s", "float"),
+}
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -482,6 +533,12 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     from euphonium_ray.upstream_env import joint_overrides  # it reads this module's parsers
 
     out.update(joint_overrides(environ))
+    for name, (key, kind) in DEPRECATED_ENV.items():
+        if name in environ:
+            warnings.warn(f"{name} is deprecated: use {key} (set to {environ[name]!r} from the environment)",
+                          FutureWarning, stacklevel=3)
+            raw = environ[name]
+            out[key] = shlex.split(raw) if kind == "args" else _number(raw, name, float) if kind == "float" else raw
     return out
 
 
@@ -586,7 +643,8 @@ def load_config(
     if use_env:
         layers.extend(env_overrides(environ).items())
         env = os.environ if environ is None else environ
-        origins = {key: f"{name}={env[name]!r}" for name, (key, _) in UPSTREAM_ENV.items() if name in env}
+        origins = {key: f"{name}={env[name]!r}" for name, (key, _) in {**UPSTREAM_ENV, **DEPRECATED_ENV}.items()
+                   if name in env}
     sets = [parse_set(item) for item in (overrides or [])]
     layers.extend(sets)
     for key, value in layers:

@@ -85,7 +85,7 @@ def _check_prompts(cfg: RunConfig, pooled_dim: int, index: str | None = None):
 
 
 def _check_prm(cfg: RunConfig) -> None:
-    from actors.placement import needs_prm_pool
+    from euphonium_ray.actors.placement import needs_prm_pool
 
     if not (cfg.rgg.enabled or needs_prm_pool(cfg)) or cfg.rewards.prm.kind != "latent":
         return
@@ -186,8 +186,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
 
     ``on_event(name, step, system, record)`` is called at ``step_start`` and ``step_end`` (tests and tools look
     at the live system there); ``evaluate=False`` skips the ODE evaluation before and after training."""
-    from actors.placement import check_cluster
-    from actors.system import TrainingSystem
+    from euphonium_ray.actors.placement import check_cluster
+    from euphonium_ray.actors.system import TrainingSystem
     from euphonium_ray.sampling import prompts_for_step
     from euphonium_ray.checkpoint import CheckpointError, read_state, resolve_checkpoint
     from euphonium_ray.metrics import RayMetrics, StepRecorder
@@ -295,8 +295,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
 # ---------------------------------------------------------------------------------------------------- cli
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (their messages name the file, key or resource), not a bug."""
-    from actors.placement import ClusterResourceError, RoleStartError
-    from actors.weights import StaleWeightsError
+    from euphonium_ray.actors.placement import ClusterResourceError, RoleStartError
+    from euphonium_ray.actors.weights import StaleWeightsError
     from euphonium_ray.checkpoint import CheckpointError
     from euphonium_ray.data import DataError
     from euphonium_ray.models.codecs import CodecError

@@ -23,7 +23,7 @@ def _toy(*sets: str):
 
 
 def test_four_roles_on_quarter_shares_ask_for_exactly_one_gpu_and_sync_weights_through_the_object_store():
-    from actors.placement import check_cluster
+    from euphonium_ray.actors.placement import check_cluster
     from euphonium_ray.driver import weight_sync_backend
 
     cfg = _toy(*QUARTERS)
@@ -33,7 +33,7 @@ def test_four_roles_on_quarter_shares_ask_for_exactly_one_gpu_and_sync_weights_t
 
 
 def test_roles_asking_for_more_than_one_gpu_in_shares_are_named_with_their_config_keys():
-    from actors.placement import ClusterResourceError, check_cluster
+    from euphonium_ray.actors.placement import ClusterResourceError, check_cluster
 
     cfg = _toy(*[s.replace("0.25", "0.3") for s in QUARTERS])
     with pytest.raises(ClusterResourceError, match=r"asks for 1\.2 GPU \(rollout 0\.3, orm 0\.3, learner 0\.3, "
@@ -42,7 +42,7 @@ def test_roles_asking_for_more_than_one_gpu_in_shares_are_named_with_their_confi
 
 
 def test_two_learners_on_half_a_gpu_each_are_refused_before_nccl_would_refuse_them():
-    from actors.placement import ClusterResourceError, check_cluster
+    from euphonium_ray.actors.placement import ClusterResourceError, check_cluster
 
     shared = _toy("cluster.num_learners=2", "cluster.learner_gpus=0.5", "data.prompts_per_step=4")
     with pytest.raises(ClusterResourceError, match=r"cluster\.num_learners=2 learners on cluster\.learner_gpus=0\.5 "
@@ -63,8 +63,8 @@ def ray_with_one_gpu():
 @pytest.mark.ray
 def test_rollout_prm_and_orm_actors_start_on_quarters_of_gpu_0_leaving_the_learners_quarter(
         world, ray_with_one_gpu, tmp_path):
-    from actors.placement import start_roles
-    from actors.weights import WeightStore
+    from euphonium_ray.actors.placement import start_roles
+    from euphonium_ray.actors.weights import WeightStore
 
     cfg = run_config(world, tmp_path, *QUARTERS)
     roles = start_roles(cfg, WeightStore.remote(), sync_backend="object_store", timeout_s=60)

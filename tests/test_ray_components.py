@@ -66,9 +66,10 @@ def local_ray():
 
 # ----------------------------------------------------------------------------------------------- tests
 def test_rollout_worker_loads_exact_versions_and_refuses_stale_weights(world, local_ray, tmp_path):
-    from actors.rollout import RolloutWorker
-    from actors.weights import ObjectStoreSync, StaleWeightsError, WeightStore, state_digest
-    from actors.system import TrainingSystem  # noqa: F401  (import check: the driver's phase module loads)
+    from euphonium_ray.actors.rollout import RolloutWorker
+    from euphonium_ray.actors.weights import ObjectStoreSync, StaleWeightsError, WeightStore
+    from euphonium_ray.checkpoint import state_digest
+    from euphonium_ray.actors.system import TrainingSystem  # noqa: F401  (import check: the driver's phase module loads)
     from euphonium_ray.data import PromptEmbeddingDataset, pooled_dim_of
     from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
 
@@ -97,7 +98,8 @@ def test_rollout_worker_loads_exact_versions_and_refuses_stale_weights(world, lo
 
 
 def test_collective_broadcast_over_gloo_delivers_identical_weights(local_ray):
-    from actors.weights import CollectiveSync, WeightStore, state_digest
+    from euphonium_ray.actors.weights import CollectiveSync, WeightStore
+    from euphonium_ray.checkpoint import state_digest
 
     store = WeightStore.remote()
 
@@ -127,7 +129,7 @@ def test_collective_broadcast_over_gloo_delivers_identical_weights(local_ray):
 
 def test_orm_pool_balances_rows_and_gives_nan_for_an_unjudgeable_video_then_the_group_is_skipped(world, local_ray,
                                                                                                   tmp_path):
-    from actors.reward import ORMScorer, ScorerPool
+    from euphonium_ray.actors.reward import ORMScorer, ScorerPool
     from euphonium_ray.learning import compute_advantages
     from euphonium_ray.trajectory import Trajectories
 
@@ -163,7 +165,7 @@ def _cond(b: int):
 
 
 def test_more_gpus_than_the_cluster_has_is_a_clear_error_before_anything_is_reserved(world, local_ray, tmp_path):
-    from actors.placement import ClusterResourceError, check_cluster, role_bundles
+    from euphonium_ray.actors.placement import ClusterResourceError, check_cluster, role_bundles
 
     cfg = run_config(world, tmp_path, "cluster.rollout_gpus=1", "cluster.learner_gpus=2")
     with pytest.raises(ClusterResourceError, match=r"asks for 3 GPU \(rollout 1, learner 2\) but the Ray cluster has 0"
@@ -239,7 +241,7 @@ def test_train_command_refuses_more_gpus_than_the_cluster_has_without_hanging(wo
 def test_a_nan_reward_is_logged_and_its_group_skipped_by_the_step_recorder(world, local_ray, tmp_path):
     import json
 
-    from actors.system import StepBatch
+    from euphonium_ray.actors.system import StepBatch
     from euphonium_ray.learning import compute_advantages
     from euphonium_ray.metrics import RayMetrics, StepRecorder
     from euphonium_ray.run_logging import RunLogger
@@ -269,8 +271,9 @@ def test_a_nan_reward_is_logged_and_its_group_skipped_by_the_step_recorder(world
 
 
 def test_lora_training_broadcasts_only_the_adapter_tensors(world, local_ray, tmp_path):
-    from actors.rollout import RolloutWorker
-    from actors.weights import ObjectStoreSync, WeightStore, state_digest
+    from euphonium_ray.actors.rollout import RolloutWorker
+    from euphonium_ray.actors.weights import ObjectStoreSync, WeightStore
+    from euphonium_ray.checkpoint import state_digest
     from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
 
     cfg = run_config(world, tmp_path, "model.trainable=lora", "model.lora_rank=2")
@@ -304,19 +307,18 @@ def test_prompt_order_and_sample_seeds_are_pure_functions_of_the_step():
 def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_by_role(monkeypatch):
     """NCCL refuses two ranks on one GPU (measured on an H200: "Duplicate GPU detected", NCCL 2.28), so a
     fractional-GPU layout defaults to the object store, and a forced collective names the members that collide."""
-    from actors.weights import ranks_sharing_a_device
-    from euphonium_ray.driver import weight_sync_backend
+    from euphonium_ray.actors.weights import ranks_sharing_a_device
 
-    monkeypatch.delenv("EUPHONIUM_WEIGHT_SYNC", raising=False)
-
-    def backend(learner: float, rollout: float) -> str:
-        return weight_sync_backend(load_config(None, [f"cluster.learner_gpus={learner}",
-                                                      f"cluster.rollout_gpus={rollout}"], use_env=False))
+    def backend(learner: float, rollout: float, *sets: str, environ: dict[str, str] | None = None) -> str:
+        cfg = load_config(None, [f"cluster.learner_gpus={learner}", f"cluster.rollout_gpus={rollout}", *sets],
+                          environ=environ or {}, use_env=True)
+        return cfg.cluster.weight_sync_backend()
 
     assert backend(1, 1) == "collective"
     assert backend(0.5, 0.5) == backend(1, 0.5) == backend(0, 1) == "object_store"
-    monkeypatch.setenv("EUPHONIUM_WEIGHT_SYNC", "collective")
-    assert backend(0.5, 0.5) == "collective"
+    assert backend(0.5, 0.5, "cluster.weight_sync=collective") == "collective"
+    with pytest.warns(FutureWarning, match="EUPHONIUM_WEIGHT_SYNC is deprecated: use cluster.weight_sync"):
+        assert backend(0.5, 0.5, environ={"EUPHONIUM_WEIGHT_SYNC": "collective"}) == "collective"
     where = {0: "10.0.0.1/GPU-a", 1: "10.0.0.1/GPU-b", 2: "10.0.0.1/GPU-a", 3: "10.0.0.2/GPU-a", 4: "10.0.0.1/GPU-b"}
     assert ranks_sharing_a_device(where) == [[0, 2], [1, 4]]
     assert ranks_sharing_a_device({0: "n/GPU-a", 1: "n/GPU-b"}) == []
