@@ -60,8 +60,6 @@ class Trajectories:
     process_evaluated: Tensor
     guidance_norms: Tensor
     guided_steps: Tensor
-    guided_means: Tensor | None
-    guidance_shifts: Tensor | None
     x0_hat_final: Tensor
     group_ids: Tensor
     prompt_indices: Tensor
@@ -70,6 +68,8 @@ class Trajectories:
     captions: list[str] = field(default_factory=list)
     group_size: int = 1
     weight_version: int = 0
+    guided_means: Tensor | None = None
+    guidance_shifts: Tensor | None = None
     process_rewards_next: Tensor | None = None
     process_evaluated_next: Tensor | None = None
     guided_rows: Tensor | None = None

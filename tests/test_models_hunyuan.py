@@ -251,8 +251,9 @@ def test_pixel_unshuffle_codec_is_dispatched_by_class_name(tmp_path):
     torch.testing.assert_close(codec.decode(codec.encode(video)), video)
 
 
-def test_registered_codec_factory_gets_config_and_folder(tmp_path):
+def test_registered_codec_factory_gets_config_and_folder(tmp_path, monkeypatch):
     seen = {}
+    monkeypatch.setattr(CODECS, "_entries", dict(CODECS._entries))  # the registration ends with this test
 
     def factory(config, folder, **kwargs):
         seen.update(config=config, folder=folder, **kwargs)

@@ -47,6 +47,11 @@ def run_config(world: Path, out: Path, *sets: str) -> RunConfig:
         "steps=3", "data.prompts_per_step=2", "sampler.group_size=4", "sampler.num_steps=8", "rgg.start=5", "spsa.start=5",
         "optim.grad_accum=4", "cluster.num_cpus=2", "cluster.rollout_cpus=0.5", "cluster.learner_cpus=0.5",
         "output.save_every=100", "output.sample_every=100",
+        # the method these tests were written for (full fine-tuning, caption reward, normalised guidance of every
+        # member, input-credited process rewards, distillation): pinned here, so the demo's tuning can move on
+        "model.trainable=full", "rewards.orm.backend=toy", "rewards.latent_outcome=true", "rgg.scale_mode=fixed",
+        "rgg.scale=10.0", "rgg.normalize=true", "rgg.guided_fraction=1.0", "advantage.process_credit=input",
+        "optim.lr=2e-5", "optim.clip_range=0.01", "optim.distill_coef=1.0", "optim.kl_coef=1.0",
     ]
     return load_config(ROOT / "configs" / "toy.yaml", base + list(sets), use_env=False)
 
