@@ -114,7 +114,8 @@ def learner_loop(config: dict[str, Any]) -> None:
         device = ray.train.torch.get_device() if cfg.cluster.learner_gpus > 0 else torch.device("cpu")
         learner = Learner.load(cfg, device, rank=rank, world=world, resume=config.get("resume"))
         sync = make_weight_sync(config["sync_backend"], config["store"], rank=0, device=str(device),
-                                world_size=int(config["num_rollout_workers"]) + 1) if rank == 0 else None
+                                world_size=int(config["num_rollout_workers"]) + 1,
+                                timeout_s=cfg.cluster.timeouts.weights_s) if rank == 0 else None
         state = learner.weights()
         ray.get(hub.set_ready.remote(rank, {"start_step": learner.start_step, "pid": os.getpid(),
                                             "digest": state_digest(state) if state else None, "device": str(device),
@@ -160,16 +161,16 @@ class LearnerClient:
     def __init__(self, hub: Any, thread: threading.Thread, errors: list[BaseException], world_size: int) -> None:
         self.hub, self.thread, self.errors, self.world_size = hub, thread, errors, world_size
 
-    def wait_ready(self, timeout_s: float = 600.0) -> dict[str, Any]:
+    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
         return self._get(self.hub.wait_ready.remote(timeout_s))
 
     def submit(self, step: int, shards: list[dict[str, Any]]) -> None:
         self._get(self.hub.submit.remote(step, shards))
 
-    def result_ref(self, step: int, timeout_s: float = 3600.0) -> Any:
+    def result_ref(self, step: int, timeout_s: float) -> Any:
         return self.hub.result.remote(step, timeout_s)
 
-    def result(self, step: int, timeout_s: float = 3600.0) -> dict[str, Any]:
+    def result(self, step: int, timeout_s: float) -> dict[str, Any]:
         return self._get(self.result_ref(step, timeout_s))
 
     def _get(self, ref: Any) -> Any:
@@ -180,7 +181,7 @@ class LearnerClient:
                 raise RuntimeError(f"the learner (Ray Train) failed: {self.errors[0]}") from self.errors[0]
             raise
 
-    def close(self, timeout_s: float = 120.0) -> None:
+    def close(self, timeout_s: float) -> None:
         try:
             ray.get(self.hub.close.remote())
         except ray.exceptions.RayError:

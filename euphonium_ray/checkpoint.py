@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from euphonium_ray.errors import EuphoniumError
 
 CHECKPOINTS_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -31,7 +32,7 @@ STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EuphoniumError, ValueError):
     """A checkpoint that cannot be read or written; the message names the file."""
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import shlex
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -19,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from euphonium_ray.registry import ORMS, POLICIES, PRMS, Registry, RegistryError, load_plugins
 from euphonium_ray.sde import SDE, kl_mode_scale, sigma_schedule
+from euphonium_ray.errors import EuphoniumError
 
 
-class ConfigError(ValueError):
+class ConfigError(EuphoniumError, ValueError):
     """A config that cannot be used; the message names the offending key or value."""
 
 
@@ -257,8 +256,7 @@ class TimeoutsConfig(Section):
     reserve_s: float = Field(default=120.0, gt=0)  # one role's placement group
     start_s: float = Field(default=600.0, gt=0)  # the role actors' model loading, the learner's start
     step_s: float = Field(default=3600.0, gt=0)  # the learner's answer for one step
-    weights_s: float = Field(default=600.0, gt=0)  # a rollout worker's wait for a weight version / a broadcast
-    rendezvous_s: float = Field(default=60.0, gt=0)  # rollout workers joining the weight-broadcast group
+    weights_s: float = Field(default=600.0, gt=0)  # a weight version's publication; the broadcast group's set-up
     shutdown_s: float = Field(default=120.0, gt=0)  # the learner's stop; the scorers' closing of their servers
 
 
@@ -464,15 +462,6 @@ UPSTREAM_ENV: dict[str, tuple[str, str]] = {
     "LATENT_REWARD_IN_TRL_REWARD_DTYPE": ("rewards.prm.dtype", "str"),
 }
 
-# Our own former environment variables: deprecated aliases of their config keys (docs/config.md), read like the
-# upstream ones (under --set, ignored with --no-env), each with a warning naming the key to use instead.
-DEPRECATED_ENV: dict[str, tuple[str, str]] = {
-    "EUPHONIUM_WEIGHT_SYNC": ("cluster.weight_sync", "str"),
-    "EUPHONIUM_VLLM_VENV": ("rewards.orm.vllm.venv", "str"),
-    "EUPHONIUM_VLLM_ARGS": ("rewards.orm.vllm.args", "args"),
-    "EUPHONIUM_VLLM_STARTUP_TIMEOUT": ("rewards.orm.vllm.startup_timeout_s", "float"),
-}
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -533,12 +522,6 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     from euphonium_ray.upstream_env import joint_overrides  # it reads this module's parsers
 
     out.update(joint_overrides(environ))
-    for name, (key, kind) in DEPRECATED_ENV.items():
-        if name in environ:
-            warnings.warn(f"{name} is deprecated: use {key} (set to {environ[name]!r} from the environment)",
-                          FutureWarning, stacklevel=3)
-            raw = environ[name]
-            out[key] = shlex.split(raw) if kind == "args" else _number(raw, name, float) if kind == "float" else raw
     return out
 
 
@@ -643,8 +626,7 @@ def load_config(
     if use_env:
         layers.extend(env_overrides(environ).items())
         env = os.environ if environ is None else environ
-        origins = {key: f"{name}={env[name]!r}" for name, (key, _) in {**UPSTREAM_ENV, **DEPRECATED_ENV}.items()
-                   if name in env}
+        origins = {key: f"{name}={env[name]!r}" for name, (key, _) in UPSTREAM_ENV.items() if name in env}
     sets = [parse_set(item) for item in (overrides or [])]
     layers.extend(sets)
     for key, value in layers:

@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.errors import EuphoniumError
 
 EMBED_KEY = "prompt_embed_path"
 MASK_KEY = "prompt_attention_mask"
 CAPTION_KEY = "caption"
 
 
-class DataError(ValueError):
+class DataError(EuphoniumError, ValueError):
     """Bad prompt or embedding input; the message names the file (and the entry or shape) at fault."""
 
 

@@ -25,6 +25,7 @@ from euphonium_ray.models.base import Policy, ProcessRewardModel, TextConditioni
 from euphonium_ray.sde import guidance_shift, in_window, predicted_x0, target_ratio_shift
 from euphonium_ray.spsa import spsa_gradient
 from euphonium_ray.trajectory import Trajectories
+from euphonium_ray.errors import EuphoniumError
 
 __all__ = [
     "GeneratorLike",
@@ -45,7 +46,7 @@ SpsaScoreFn = Callable[[Tensor, Tensor], Tensor]
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
-class ProcessRewardError(RuntimeError):
+class ProcessRewardError(EuphoniumError, RuntimeError):
     """The PRM failed at a sampling step; the message names the step and σ (the driver decides what to do)."""
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.errors import EuphoniumError
 
 __all__ = ["Trajectories", "TrajectoryError", "group_rows"]
 
@@ -32,7 +33,7 @@ def group_rows(groups: Sequence[int] | Tensor, group_size: int) -> Tensor:
     return (g.unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1)
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(EuphoniumError, ValueError):
     """A trajectory batch that is inconsistent (shapes, groups) or cannot be combined with another."""
 
 
@@ -229,12 +230,13 @@ class Trajectories:
     def from_dict(d: dict[str, Any]) -> "Trajectories":
         tensor_names = [f.name for f in fields(Trajectories) if f.name not in ("cond", "captions", "group_size",
                                                                                    "weight_version")]
-        missing = [n for n in tensor_names + [_COND_PREFIX + "prompt_embeds"] if n not in d and n not in _OPTIONAL]
+        tensor_names = [n for n in tensor_names if n not in _OPTIONAL or n in d]
+        missing = [n for n in tensor_names + [_COND_PREFIX + "prompt_embeds"] if n not in d]
         if missing:
             raise TrajectoryError(f"trajectory dict is missing {missing}")
         cond = TextConditioning.from_dict({k[len(_COND_PREFIX):]: v for k, v in d.items() if k.startswith(_COND_PREFIX)})
         return Trajectories(
-            **{n: d.get(n) for n in tensor_names},  # a field left out (``without``) comes back as None
+            **{n: d[n] for n in tensor_names},
             cond=cond,
             captions=list(d.get("captions", [])),
             group_size=int(d.get("group_size", 1)),

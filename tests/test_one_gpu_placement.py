@@ -24,12 +24,11 @@ def _toy(*sets: str):
 
 def test_four_roles_on_quarter_shares_ask_for_exactly_one_gpu_and_sync_weights_through_the_object_store():
     from euphonium_ray.actors.placement import check_cluster
-    from euphonium_ray.driver import weight_sync_backend
 
     cfg = _toy(*QUARTERS)
     need = check_cluster(cfg, available={"CPU": 2.0, "GPU": 1.0})
     assert need["GPU"] == 1.0 and need["CPU"] == 2.0  # rollout 1 CPU + learner 1 CPU; reward actors none
-    assert weight_sync_backend(cfg) == "object_store"  # NCCL would refuse members sharing the GPU
+    assert cfg.cluster.weight_sync_backend() == "object_store"  # NCCL would refuse members sharing the GPU
 
 
 def test_roles_asking_for_more_than_one_gpu_in_shares_are_named_with_their_config_keys():
@@ -66,8 +65,8 @@ def test_rollout_prm_and_orm_actors_start_on_quarters_of_gpu_0_leaving_the_learn
     from euphonium_ray.actors.placement import start_roles
     from euphonium_ray.actors.weights import WeightStore
 
-    cfg = run_config(world, tmp_path, *QUARTERS)
-    roles = start_roles(cfg, WeightStore.remote(), sync_backend="object_store", timeout_s=60)
+    cfg = run_config(world, tmp_path, *QUARTERS, "cluster.timeouts.reserve_s=60")
+    roles = start_roles(cfg, WeightStore.remote(), sync_backend="object_store")
     learner_pg = None
     try:
         infos = ray.get([a.ready.remote() for a in roles.rollout + roles.prm + roles.orm], timeout=60)
@@ -78,6 +77,6 @@ def test_rollout_prm_and_orm_actors_start_on_quarters_of_gpu_0_leaving_the_learn
         assert ray.wait([learner_pg.ready()], timeout=30)[0], "the learner's quarter of the GPU was not free"
         assert "GPU" not in ray.available_resources()
     finally:
-        roles.shutdown()
+        roles.shutdown(cfg.cluster.timeouts.shutdown_s)
         if learner_pg is not None:
             remove_placement_group(learner_pg)

@@ -247,6 +247,7 @@ def test_a_nan_reward_is_logged_and_its_group_skipped_by_the_step_recorder(world
     import json
 
     from euphonium_ray.actors.system import StepBatch
+    from euphonium_ray.step import Rewards
     from euphonium_ray.learning import compute_advantages
     from euphonium_ray.metrics import RayMetrics, StepRecorder
     from euphonium_ray.run_logging import RunLogger
@@ -263,7 +264,7 @@ def test_a_nan_reward_is_logged_and_its_group_skipped_by_the_step_recorder(world
                         group_ids=torch.arange(b) // 2, prompt_indices=torch.arange(b) // 2,
                         sample_seeds=torch.arange(b), cond=_cond(b), captions=["a"] * b, group_size=2)
     orm = torch.tensor([0.5, float("nan"), 0.2, 0.4])
-    batch = StepBatch(0, 0, traj, orm, None, {"rollout": 1.0})
+    batch = StepBatch(0, 0, traj, Rewards(orm), {"rollout": 1.0})
     logger = RunLogger(tmp_path, total_steps=1, progress=False)
     recorder = StepRecorder(cfg, logger, RayMetrics("driver"))
     recorder.record(batch, compute_advantages(traj, orm, None, cfg), {"version": 1})
@@ -322,8 +323,7 @@ def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_
     assert backend(1, 1) == "collective"
     assert backend(0.5, 0.5) == backend(1, 0.5) == backend(0, 1) == "object_store"
     assert backend(0.5, 0.5, "cluster.weight_sync=collective") == "collective"
-    with pytest.warns(FutureWarning, match="EUPHONIUM_WEIGHT_SYNC is deprecated: use cluster.weight_sync"):
-        assert backend(0.5, 0.5, environ={"EUPHONIUM_WEIGHT_SYNC": "collective"}) == "collective"
+    assert backend(1, 1, "cluster.weight_sync=object_store") == "object_store"
     where = {0: "10.0.0.1/GPU-a", 1: "10.0.0.1/GPU-b", 2: "10.0.0.1/GPU-a", 3: "10.0.0.2/GPU-a", 4: "10.0.0.1/GPU-b"}
     assert ranks_sharing_a_device(where) == [[0, 2], [1, 4]]
     assert ranks_sharing_a_device({0: "n/GPU-a", 1: "n/GPU-b"}) == []

@@ -25,6 +25,7 @@ from typing import Any
 from euphonium_ray.benchmarks.analysis import RunLog
 from euphonium_ray.checkpoint import config_hash
 from euphonium_ray.config import RunConfig
+from euphonium_ray.errors import EuphoniumError
 
 RUN_INFO = "run_info.json"
 REPORT_JSON = "convergence.json"
@@ -34,7 +35,7 @@ EVALS_FILE = "evals.jsonl"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class RecordError(ValueError):
+class RecordError(EuphoniumError, ValueError):
     """A benchmark output folder whose logs cannot be read; the message names the file and line."""
 
 

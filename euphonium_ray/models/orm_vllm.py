@@ -37,6 +37,7 @@ from torch import Tensor
 from euphonium_ray.config import ORMConfig, VLLMJudgeConfig
 from euphonium_ray.models.frames import check_videos, judge_frames, png_data_url
 from euphonium_ray.models.orm_solireward import DEFAULT_PROMPTS, PromptTemplate
+from euphonium_ray.errors import EuphoniumError
 
 DEFAULT_STARTUP_TIMEOUT_S = VLLMJudgeConfig().startup_timeout_s
 DEFAULT_VENV = VLLMJudgeConfig().venv
@@ -44,7 +45,7 @@ SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"  # `vllm serve` wi
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
-class VLLMJudgeError(RuntimeError):
+class VLLMJudgeError(EuphoniumError, RuntimeError):
     """The judge server could not be started or answered wrongly; the message names the path, URL or token."""
 
 
