@@ -10,22 +10,29 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_ACTORS = Path(__file__).resolve().parent.parent / "actors"
+_CHECKOUT = Path(__file__).resolve().parent.parent
+# subpackages whose files live in the checkout's top-level folders (pyproject's package-dir maps them on install)
+_TOP_LEVEL = {"euphonium_ray.actors": _CHECKOUT / "actors", "euphonium_ray.configs": _CHECKOUT / "configs"}
 
 
-class _SourceCheckoutActors:
-    """The Ray actors live in the checkout's top-level ``actors/`` folder and install as ``euphonium_ray.actors``
-    (pyproject's package-dir). A checkout used through ``PYTHONPATH`` alone (the GPU machines' set-up) has no
-    install to map it: this finder does, and only for that one name."""
+class _SourceCheckoutFolders:
+    """The Ray actors live in the checkout's top-level ``actors/`` folder and the run configs in ``configs/``; they
+    install as ``euphonium_ray.actors`` and ``euphonium_ray.configs`` (pyproject's package-dir), never as a generic
+    top-level ``actors``. A checkout used through ``PYTHONPATH`` alone (the GPU machines' set-up) has no install to
+    map them: this finder does, for those two names only."""
 
     @staticmethod
     def find_spec(name: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
-        if name != "euphonium_ray.actors":
+        folder = _TOP_LEVEL.get(name)
+        if folder is None or not folder.is_dir():
             return None
-        return importlib.util.spec_from_file_location(name, _ACTORS / "__init__.py",
-                                                      submodule_search_locations=[str(_ACTORS)])
+        init = folder / "__init__.py"
+        if init.is_file():
+            return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+        spec = ModuleSpec(name, None, is_package=True)  # a folder of data files (configs/): a namespace package
+        spec.submodule_search_locations = [str(folder)]
+        return spec
 
 
-if (_ACTORS / "__init__.py").is_file() and not any(isinstance(f, _SourceCheckoutActors) or f is _SourceCheckoutActors
-                                                  for f in sys.meta_path):
-    sys.meta_path.append(_SourceCheckoutActors)  # type: ignore[arg-type]
+if not any(f is _SourceCheckoutFolders for f in sys.meta_path):
+    sys.meta_path.append(_SourceCheckoutFolders)  # type: ignore[arg-type]

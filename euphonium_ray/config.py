@@ -17,11 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from euphonium_ray.registry import ORMS, POLICIES, PRMS, Registry, RegistryError, load_plugins
 from euphonium_ray.sde import SDE, kl_mode_scale, sigma_schedule
-from euphonium_ray.errors import EuphoniumError
-
-
-class ConfigError(EuphoniumError, ValueError):
-    """A config that cannot be used; the message names the offending key or value."""
+from euphonium_ray.errors import ConfigError
+from euphonium_ray.files import read_yaml_mapping
 
 
 class Section(BaseModel):
@@ -608,18 +605,7 @@ def load_config(
     """Resolve a run's config: YAML file < upstream env vars < ``--set`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-        if loaded is None:
-            raise ConfigError(f"config file {p} is empty (no keys at all); start from configs/toy.yaml")
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded
+        tree = read_yaml_mapping(path, "config file", empty="(no keys at all); start from configs/toy.yaml")
     _check_keys(tree, RunConfig)
     layers: list[tuple[str, Any]] = []
     origins: dict[str, str] = {}  # config key -> the upstream variable that set it, for error messages

@@ -3,11 +3,15 @@ name the file, key or resource, so the CLI prints them as one line (``except Eup
 
 from __future__ import annotations
 
-__all__ = ["EuphoniumError", "RunError"]
+__all__ = ["ConfigError", "EuphoniumError", "RunError"]
 
 
 class EuphoniumError(Exception):
     """Bad input, a missing resource or a run that cannot continue; the message says what and where."""
+
+
+class ConfigError(EuphoniumError, ValueError):
+    """A config that cannot be used; the message names the offending key or value."""
 
 
 class RunError(EuphoniumError, RuntimeError):

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
+from euphonium_ray.files import write_atomic
 from euphonium_ray.data import CAPTION_KEY, EMBED_KEY, MASK_KEY, DataError, read_prompts_file
 
 EMBED_DIR = "prompt_embed"
@@ -30,27 +29,12 @@ MANIFEST_FILE = "preprocess_manifest.json"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tensor(path: Path, tensor: torch.Tensor) -> None:
-    atomic_write_bytes(path, lambda fh: torch.save(tensor.contiguous().clone(), fh))
+    write_atomic(path, lambda fh: torch.save(tensor.contiguous().clone(), fh))
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(data, indent=2, ensure_ascii=False).encode()))
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def prompt_digest(prompt: str, settings: dict[str, Any]) -> str:

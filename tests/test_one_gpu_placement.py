@@ -12,7 +12,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from euphonium_ray.config import load_config
 
-from test_ray_components import run_config, world  # noqa: F401  (fixtures)
+from conftest import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUARTERS = [f"cluster.{role}_gpus=0.25" for role in ("rollout", "prm", "orm", "learner")]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from euphonium_ray.driver import train
 from euphonium_ray.metrics import metrics_endpoint, scrape_metrics
 
-from test_ray_components import local_ray, run_config, world  # noqa: F401  (fixtures)
+from conftest import run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 4
