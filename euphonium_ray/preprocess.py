@@ -150,7 +150,9 @@ def preprocess_prompts(
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="preprocess", unit="prompt",
                disable=not progress)
     if batches and ray_workers > 0:
-        _run_on_ray(batches, prompts, args, ray_workers, ray_init, lambda res: (record(res), bar.update(len(res[0]))))
+        from euphonium_ray.actors.prompt_encoders import encode_on_ray  # the one way from here into the Ray glue
+
+        encode_on_ray(batches, prompts, args, ray_workers, ray_init, lambda res: (record(res), bar.update(len(res[0]))))
     elif batches:
         worker = PromptEncoderWorker(*args)
         for batch in batches:
@@ -182,37 +184,6 @@ def truncation_note(index: int, prompt: str, window, max_tokens: int) -> str:
 
 def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _run_on_ray(batches: list[list[int]], prompts: list[str], args: tuple, workers: int,
-                ray_init: dict[str, Any] | None, on_done: Callable[[tuple], Any]) -> None:
-    """Spread batches over ``workers`` actors, keeping each busy with one batch at a time."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(**(ray_init or {}))
-    try:
-        actor_cls = ray.remote(num_cpus=1)(PromptEncoderWorker)
-        actors = [actor_cls.remote(*args) for _ in range(min(workers, len(batches)))]
-        pending: dict[Any, Any] = {}
-        queue = list(batches)
-        for actor in actors:
-            if queue:
-                batch = queue.pop(0)
-                pending[actor.encode.remote(batch, [prompts[i] for i in batch])] = actor
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ready[0])
-            on_done(ray.get(ready[0]))
-            if queue:
-                batch = queue.pop(0)
-                pending[actor.encode.remote(batch, [prompts[i] for i in batch])] = actor
-        for actor in actors:
-            ray.kill(actor)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
