@@ -27,6 +27,7 @@ def driver_config(cfg: RunConfig, world: BenchWorld, train_index: Path, seed: in
     rcfg.seed = seed
     rcfg.model.path = str(world.paths.model_dir)
     rcfg.data.prompts = str(train_index)
+    rcfg.data.eval_prompts = None  # not the toy config's outputs/ index: the benchmark evaluates its own held-out set
     if not rcfg.rewards.prm.path:
         rcfg.rewards.prm.path = str(world.paths.prm_dir)
     rcfg.output.dir = str(out_dir)
