@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import reduce
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -412,20 +412,8 @@ class SDE:
         return step_std(sigma, sigma_next, self.noise_type, eta=self.eta, flow_a=self.flow_a, sigma_1=self.sigma_1,
                         dtype=dtype)
 
-    def step(
-        self,
-        x: Tensor,
-        v: Tensor,
-        sigma: ScalarLike,
-        sigma_next: ScalarLike,
-        *,
-        guidance: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        logprob_mean: Literal["unguided", "guided"] = "unguided",
-        reduction: Literal["mean", "sum"] = "mean",
-    ) -> SDEStepOutput:
-        """One transition (:func:`sde_step`) of this sampler."""
+    def step(self, x: Tensor, v: Tensor, sigma: ScalarLike, sigma_next: ScalarLike, **options: Any) -> SDEStepOutput:
+        """One transition of this sampler: :func:`sde_step`, whose keywords (guidance, noise, generator,
+        logprob_mean, reduction) ``options`` passes on."""
         return sde_step(x, v, sigma, sigma_next, noise_type=self.noise_type, eta=self.eta, flow_a=self.flow_a,
-                        sigma_1=self.sigma_1, guidance=guidance, noise=noise, generator=generator,
-                        logprob_mean=logprob_mean, reduction=reduction)
+                        sigma_1=self.sigma_1, **options)
