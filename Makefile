@@ -11,7 +11,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-suite test-fast venv vllm-env clean
+.PHONY: demo test test-suite test-fast lint venv vllm-env clean
 
 venv: $(STAMP)
 
@@ -36,11 +36,16 @@ test:
 	PYTHON=$(PYTHON) sh scripts/test_prereqs.sh
 	$(MAKE) --no-print-directory test-suite
 
-test-suite: $(STAMP) vllm-env
+test-suite: $(STAMP) vllm-env lint
 	sh scripts/loopback.sh $(PY) -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) lint
 	sh scripts/loopback.sh $(PY) -m pytest -q -m "not slow" tests
+
+# The guards (pyproject.toml): ruff on the whole tree, mypy strict on sde.py, grpo.py and step.py.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

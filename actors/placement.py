@@ -18,6 +18,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from euphonium_ray.config import RunConfig
+from euphonium_ray.errors import EuphoniumError
 
 __all__ = ["ClusterResourceError", "RoleActors", "RoleStartError", "check_cluster", "check_gpu_sharing", "needs_prm_pool", "role_bundles",
            "start_roles"]
@@ -27,11 +28,11 @@ _CONFIG_KEYS = {"rollout": "cluster.rollout_gpus", "prm": "cluster.prm_gpus", "o
                 "learner": "cluster.learner_gpus"}
 
 
-class ClusterResourceError(RuntimeError):
+class ClusterResourceError(EuphoniumError, RuntimeError):
     """The config asks for more than the Ray cluster has (or could not reserve it in time)."""
 
 
-class RoleStartError(RuntimeError):
+class RoleStartError(EuphoniumError, RuntimeError):
     """A role's actor failed while loading its model; the message names the role and the actor's own error."""
 
 
@@ -115,7 +116,7 @@ class RoleActors:
     orm: list[Any]
     groups: list[PlacementGroup] = field(default_factory=list)
 
-    def shutdown(self, close_timeout_s: float = 60.0) -> None:
+    def shutdown(self, close_timeout_s: float) -> None:
         try:  # scorers that started servers stop them before they are killed
             ray.get([a.close.remote() for a in self.orm], timeout=close_timeout_s)
         except Exception:  # noqa: BLE001 - best-effort teardown: a dead or hung scorer is killed below
@@ -156,16 +157,18 @@ def _options(pg: PlacementGroup | None, index: int, bundle: dict[str, float], cf
     return opts
 
 
-def start_roles(cfg: RunConfig, store: Any, *, sync_backend: str, timeout_s: float = 120.0) -> RoleActors:
-    """Reserve each role's placement group, start its actors and wait until every one has loaded its model."""
-    from actors.reward import ORMScorer, PRMScorer, ScorerPool
-    from actors.rollout import RolloutWorker
+def start_roles(cfg: RunConfig, store: Any, *, sync_backend: str) -> RoleActors:
+    """Reserve each role's placement group (``cluster.timeouts.reserve_s``), start its actors and wait until every
+    one has loaded its model (``start_s``)."""
+    from euphonium_ray.actors.reward import ORMScorer, PRMScorer, ScorerPool
+    from euphonium_ray.actors.rollout import RolloutWorker
 
     payload = cfg.model_dump(mode="json")
     bundles = role_bundles(cfg)
     roles = RoleActors([], [], [])
     try:
-        pgs = {role: _reserve(role, bundles[role], timeout_s) for role in ("rollout", "prm", "orm")}
+        timeouts = cfg.cluster.timeouts
+        pgs = {role: _reserve(role, bundles[role], timeouts.reserve_s) for role in ("rollout", "prm", "orm")}
         roles.groups = [pg for pg in pgs.values() if pg is not None]
         for i, b in enumerate(bundles["prm"]):
             roles.prm.append(PRMScorer.options(**_options(pgs["prm"], i, b, cfg)).remote(
@@ -180,7 +183,7 @@ def start_roles(cfg: RunConfig, store: Any, *, sync_backend: str, timeout_s: flo
             roles.rollout.append(RolloutWorker.options(**_options(pgs["rollout"], i, b, cfg)).remote(
                 payload, i, store, prm_pool=prm_pool, orm_pool=orm_pool, sync_backend=sync_backend,
                 num_workers=n, gpus=b.get("GPU", 0.0), cpus=b.get("CPU", 1.0)))
-        deadline = time.monotonic() + timeout_s * 5
+        deadline = time.monotonic() + timeouts.start_s
         waits = [(role, i, a.ready.remote()) for role, actors in (("rollout", roles.rollout), ("PRM", roles.prm),
                                                                     ("ORM", roles.orm)) for i, a in enumerate(actors)]
         for role, i, ref in waits:
@@ -189,6 +192,6 @@ def start_roles(cfg: RunConfig, store: Any, *, sync_backend: str, timeout_s: flo
             except ray.exceptions.RayActorError as exc:
                 raise RoleStartError(f"{role} actor {i} could not start: {_last_error_line(exc)}") from None
     except BaseException:
-        roles.shutdown()
+        roles.shutdown(cfg.cluster.timeouts.shutdown_s)
         raise
     return roles

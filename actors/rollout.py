@@ -15,13 +15,15 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import (actor_device, config_from, load_codec_for, load_policy, load_prm, memory_report,
-                           release_cached_memory, set_threads)
-from actors.weights import StaleWeightsError, make_weight_sync, state_digest
+from euphonium_ray.actors.common import actor_device, config_from, memory_report, release_cached_memory, set_threads
+from euphonium_ray.actors.weights import StaleWeightsError, make_weight_sync
+from euphonium_ray.checkpoint import state_digest
+from euphonium_ray.learning import unused_by_learner
 from euphonium_ray.metrics import rss_bytes
 from euphonium_ray.models.base import TextConditioning
-from euphonium_ray.learning import unused_by_learner, wants_output_rewards
-from euphonium_ray.sampling import make_generators, sample_latents, sample_trajectories
+from euphonium_ray.roles import load_codec_for, load_policy, load_prm
+from euphonium_ray.sampling import make_generators, sample_latents
+from euphonium_ray.step import rollout
 
 __all__ = ["RolloutWorker", "max_staleness"]
 
@@ -52,7 +54,7 @@ class RolloutWorker:
         self.prm_pool = prm_pool
         self.orm_pool = orm_pool
         self.sync = make_weight_sync(sync_backend, weight_store, rank=index + 1, world_size=num_workers + 1,
-                                     device=str(self.device))
+                                     device=str(self.device), timeout_s=self.cfg.cluster.timeouts.weights_s)
         self.version = -1
         self.sampled = 0
         self.metrics = None
@@ -67,9 +69,11 @@ class RolloutWorker:
         return {**memory_report(self.device), "load_seconds": self.load_seconds}
 
     # ----------------------------------------------------------------------------------------- weights
-    def load_weights(self, version: int, timeout_s: float = 600.0) -> dict[str, float]:
-        """Make the policy exactly ``version`` (waiting for the learner to publish it)."""
+    def load_weights(self, version: int, timeout_s: float | None = None) -> dict[str, float]:
+        """Make the policy exactly ``version`` (waiting up to ``cluster.timeouts.weights_s`` for the learner to
+        publish it)."""
         t0 = time.perf_counter()
+        timeout_s = self.cfg.cluster.timeouts.weights_s if timeout_s is None else timeout_s
         if version == self.version:
             return {"version": float(self.version), "seconds": 0.0}
         got, state = self.sync.fetch(version, self.version, timeout_s)
@@ -132,17 +136,9 @@ class RolloutWorker:
         t0 = time.perf_counter()
         cond = TextConditioning.from_dict(request["cond"]).to(self.device)
         captions = list(request["captions"])
-        traj = sample_trajectories(
-            self.policy, cond,
-            sampler=self.cfg.sampler, rgg=self.cfg.rgg, spsa=self.cfg.spsa, prm=self._prm(),
-            spsa_score_fn=self._spsa_score_fn(captions),
-            latent_shape=request["latent_shape"], group_size=self.cfg.sampler.group_size,
-            generator=make_generators(request["seeds"]),
-            same_initial_noise=self.cfg.sampler.same_initial_noise,
-            logprob_mean=self.cfg.optim.logprob_mean, reduction=self.cfg.optim.logprob_reduction,
-            prompt_indices=request["prompt_indices"], sample_seeds=request["seeds"], captions=captions,
-            weight_version=self.version, timings=timings, output_rewards=wants_output_rewards(self.cfg),
-        )
+        traj = rollout(self.policy, cond, self.cfg, prm=self._prm(), latent_shape=request["latent_shape"],
+                       seeds=request["seeds"], prompt_indices=request["prompt_indices"], captions=captions,
+                       spsa_score_fn=self._spsa_score_fn(captions), weight_version=self.version, timings=timings)
         timings["sample"] = time.perf_counter() - t0
         self.sampled += traj.batch_size
         self._metric("euphonium_videos_total", float(traj.batch_size))

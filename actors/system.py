@@ -1,9 +1,10 @@
-"""The running system as the driver sees it: one method per phase of a training step.
+"""The running system as the driver sees it: one method per phase of a training step, each a little Ray glue.
 
 ``TrainingSystem`` owns the weight store, the role actors and the learner. Its phases are ``rollout`` (groups
-split over the rollout workers), ``score`` (ORM pool, and the PRM pool for the latent outcome reward), ``learn``
-(shards to the Ray Train learner), ``broadcast`` (every rollout worker loads the new version) and ``evaluate``
-(plain ODE samples scored by the ORM). A call to a rollout worker that dies mid-step is retried on the
+split over the rollout workers, each running ``step.rollout``), ``score`` (ORM pool, and the PRM pool for the
+latent outcome reward: ``step.score``), ``learn``/``learned`` (``step.split_for_learners`` shards to the Ray Train
+learner, then its answer), ``broadcast`` (sync mode: every rollout worker loads the new version) and ``evaluate``
+(plain ODE samples scored by the ORM). Each phase times itself into the step's ``timings``. A call to a rollout worker that dies mid-step is retried on the
 restarted actor (Ray restarts it, ``max_restarts``) with the same request, whose per-sample seeds make the
 retried samples identical.
 """
@@ -18,28 +19,39 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.learner import start_learner
-from actors.placement import RoleActors, needs_prm_pool, start_roles
-from actors.reward import RETRYABLE, ScorerPool
-from actors.weights import WeightStore
+from euphonium_ray.actors.learner import start_learner
+from euphonium_ray.actors.placement import RoleActors, start_roles
+from euphonium_ray.actors.reward import RETRYABLE, ScorerPool
+from euphonium_ray.actors.weights import WeightStore
 from euphonium_ray.config import RunConfig
+from euphonium_ray.errors import RunError
 from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.sampling import sample_seed, seeds_for
-from euphonium_ray.trajectory import Trajectories
+from euphonium_ray.step import LearnBatch, Rewards, score, split_for_learners
+from euphonium_ray.trajectory import Trajectories, group_rows
 
 __all__ = ["StepBatch", "TrainingSystem"]
 
 
 @dataclass
 class StepBatch:
-    """A step's rollouts and their outcome rewards."""
+    """A step's rollouts (sampled with weight ``version``), their outcome rewards once scored, and the seconds of
+    its phases."""
 
     step: int
     version: int
     traj: Trajectories
-    orm: Tensor
-    latent: Tensor | None
+    rewards: Rewards | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def orm(self) -> Tensor:
+        assert self.rewards is not None, "the batch is not scored yet"
+        return self.rewards.orm
+
+    @property
+    def latent(self) -> Tensor | None:
+        return self.rewards.latent if self.rewards is not None else None
 
 
 class TrainingSystem:
@@ -55,6 +67,8 @@ class TrainingSystem:
         self.store = WeightStore.remote()
         self.roles: RoleActors | None = None
         self.learner = None
+        self._learn_started: dict[int, float] = {}
+        self.timings: dict[str, float] = {}  # the driver thread's phases of the current step (learn, broadcast)
         try:
             # the learner (Ray Train start-up) and the role actors (model loading) start concurrently
             self.learner = start_learner(cfg, store=self.store, resume=resume, sync_backend=sync_backend,
@@ -62,7 +76,7 @@ class TrainingSystem:
             self.roles = start_roles(cfg, self.store, sync_backend=sync_backend)
             self.orm_pool = ScorerPool(self.roles.orm, self.retries)
             self.prm_pool = ScorerPool(self.roles.prm, self.retries) if self.roles.prm else None
-            self.ready = self.learner.wait_ready()
+            self.ready = self.learner.wait_ready(cfg.cluster.timeouts.start_s)
         except BaseException:
             self.close()
             raise
@@ -109,7 +123,7 @@ class TrainingSystem:
         chunks = torch.arange(len(prompts)).tensor_split(min(len(self.rollout_workers), len(prompts)))
         requests = []
         for groups in chunks:
-            rows = (groups.unsqueeze(1) * g + torch.arange(g)).reshape(-1)
+            rows = group_rows(groups, g)
             idx = rows.tolist()
             requests.append({
                 "step": step, "version": version, "cond": cond.index(rows).as_dict(),
@@ -118,56 +132,58 @@ class TrainingSystem:
             })
         return requests
 
-    def rollout(self, step: int, version: int, prompts: list[int]) -> tuple[Trajectories, dict[str, float]]:
+    def rollout(self, step: int, version: int, prompts: list[int]) -> StepBatch:
+        """``prompts``' groups sampled with weight ``version``; the workers' phase seconds are the slowest one's
+        (they run in parallel: the slowest is the critical path)."""
+        t0 = time.perf_counter()
         results = self._gather("sample", self._requests(step, version, prompts))
         traj = Trajectories.cat([Trajectories.from_dict(r["traj"]) for r in results])
         timings: dict[str, float] = {}
-        for r in results:  # workers run in parallel: the slowest one is the phase's critical path
+        for r in results:
             for k, v in r["timings"].items():
                 timings[k] = max(timings.get(k, 0.0), v)
-        return traj, timings
+        timings["rollout"] = time.perf_counter() - t0
+        return StepBatch(step, version, traj, timings=timings)
 
-    def score(self, traj: Trajectories) -> tuple[Tensor, Tensor | None]:
-        """(ORM rewards (B,), latent outcome rewards (B,) or None); NaN where a scorer could not judge."""
-        orm = self.orm_pool.map_rows("score_latents", traj.x0_hat_final, traj.captions)
-        latent = None
-        if self.prm_pool is not None and self.cfg.rewards.latent_outcome:
-            latent = self.prm_pool.map_rows("score_clean", traj.x0_hat_final, traj.cond.as_dict())
-        return orm, latent
-
-    def rollout_and_score(self, step: int, version: int, prompts: list[int]) -> StepBatch:
+    def score(self, batch: StepBatch) -> StepBatch:
+        """The batch with its outcome rewards (``step.score`` through the scorer pools); NaN where a scorer could
+        not judge."""
         t0 = time.perf_counter()
-        traj, timings = self.rollout(step, version, prompts)
-        t1 = time.perf_counter()
-        orm, latent = self.score(traj)
-        timings.update(rollout=t1 - t0, reward=time.perf_counter() - t1)
-        return StepBatch(step, version, traj, orm, latent, timings)
+        prm_pool = self.prm_pool if self.cfg.rewards.latent_outcome else None
+        batch.rewards = score(
+            batch.traj, lambda latents, captions: self.orm_pool.map_rows("score_latents", latents, captions),
+            (lambda latents, cond: prm_pool.map_rows("score_clean", latents, cond.as_dict())) if prm_pool else None)
+        batch.timings["reward"] = time.perf_counter() - t0
+        return batch
 
-    def submit_learning(self, step: int, traj: Trajectories, terms: list[tuple[float, Tensor]]) -> None:
-        """Split the kept groups evenly over the learner ranks and hand them over (non-blocking)."""
+    def learn(self, step: int, batch: LearnBatch) -> None:
+        """Hand ``batch`` to the learner ranks, its groups split evenly over them (non-blocking)."""
         assert self.learner is not None
-        ranks = self.cfg.cluster.num_learners
-        usable = (traj.num_groups // ranks) * ranks
-        if usable < traj.num_groups:
-            self.log(f"step {step}: {traj.num_groups - usable} group(s) left out to split evenly over {ranks} learners")
-        shards = []
-        per = usable // ranks
-        for r in range(ranks):
-            groups = list(range(r * per, (r + 1) * per))
-            rows = (torch.tensor(groups, dtype=torch.long).unsqueeze(1) * traj.group_size
-                    + torch.arange(traj.group_size)).reshape(-1)
-            part = traj.select(rows) if groups else None
-            shard = {"traj": part.to_dict() if part is not None else None,
-                     "terms": [(w, a[rows]) for w, a in terms] if groups else []}
-            shards.append([ray.put(shard)])
-        self.learner.submit(step, shards)
+        self._learn_started[step] = time.perf_counter()
+        shards, left_out = split_for_learners(batch, self.cfg.cluster.num_learners)
+        if left_out:
+            self.log(f"step {step}: {left_out} group(s) left out to split evenly over "
+                     f"{self.cfg.cluster.num_learners} learners")
+        self.learner.submit(step, [[ray.put({"traj": s.traj.to_dict() if s.traj is not None else None,
+                                             "terms": s.terms})] for s in shards])
 
-    def learning_result(self, step: int) -> dict[str, Any]:
+    def learned(self, step: int) -> dict[str, Any]:
+        """The learner's statistics for ``step`` (and ``learn`` seconds since it was handed over); stops the run
+        when the data-parallel ranks that hold full weights report different digests."""
         assert self.learner is not None
-        return self.learner.result(step)
+        stats = self.learner.result(step, self.cfg.cluster.timeouts.step_s)
+        self.timings["learn"] = time.perf_counter() - self._learn_started.pop(step)
+        # under FSDP only rank 0 gathers the full weights: the others report no digest
+        if len({r["digest"] for r in stats.get("ranks", [stats]) if r.get("digest") is not None}) > 1:
+            raise RunError(f"step {step}: the learner's data-parallel ranks hold different parameters")
+        return stats
 
-    def broadcast(self, version: int) -> dict[str, float]:
-        """Every rollout worker loads ``version``; returns the slowest worker's seconds."""
+    def broadcast(self, version: int) -> None:
+        """Sync mode: every rollout worker loads ``version`` (``broadcast`` seconds: the slowest worker's); async:
+        nothing, a worker fetches the version a request names."""
+        self.timings["broadcast"] = 0.0
+        if self.cfg.cluster.mode != "sync":
+            return
         t0 = time.perf_counter()
         refs = [w.load_weights.remote(version) for w in self.rollout_workers]
         for i, ref in enumerate(refs):
@@ -175,7 +191,7 @@ class TrainingSystem:
                 ray.get(ref)
             except RETRYABLE:
                 self._call(i, "load_weights", version)
-        return {"seconds": time.perf_counter() - t0}
+        self.timings["broadcast"] = time.perf_counter() - t0
 
     def evaluate(self, version: int, prompts: list[int], seed: int,
                  conditioning: Callable[[list[int]], tuple[TextConditioning, list[str]]] | None = None,
@@ -211,13 +227,10 @@ class TrainingSystem:
     def close(self) -> None:
         if self.learner is not None:
             try:
-                self.learner.close()
+                self.learner.close(self.cfg.cluster.timeouts.shutdown_s)
             finally:
                 self.learner = None
         if self.roles is not None:
-            self.roles.shutdown()
+            self.roles.shutdown(self.cfg.cluster.timeouts.shutdown_s)
             self.roles = None
 
-
-def needs_latent_scores(cfg: RunConfig) -> bool:
-    return needs_prm_pool(cfg) and cfg.rewards.latent_outcome

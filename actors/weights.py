@@ -19,7 +19,6 @@ Two transports behind one interface (``publish`` on the learner, ``fetch`` on a 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from datetime import timedelta
 from typing import Any, Protocol
@@ -28,6 +27,9 @@ import ray
 import torch
 from torch import Tensor
 
+from euphonium_ray.checkpoint import state_nbytes
+from euphonium_ray.errors import EuphoniumError
+
 __all__ = [
     "CollectiveSync",
     "ObjectStoreSync",
@@ -35,28 +37,11 @@ __all__ = [
     "WeightStore",
     "WeightSync",
     "make_weight_sync",
-    "state_digest",
-    "state_nbytes",
 ]
 
 
-class StaleWeightsError(RuntimeError):
+class StaleWeightsError(EuphoniumError, RuntimeError):
     """A rollout worker could not get weights at least as new as the step requires."""
-
-
-def state_nbytes(state: dict[str, Tensor]) -> int:
-    return int(sum(t.numel() * t.element_size() for t in state.values()))
-
-
-def state_digest(state: dict[str, Tensor]) -> str:
-    """A hash of names, dtypes and exact bytes: equal digests mean bit-identical parameters."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @ray.remote(num_cpus=0)
@@ -222,7 +207,7 @@ class CollectiveSync:
         if shared:
             names = "; ".join(" and ".join(_member_name(r) for r in group) for group in shared)
             raise RuntimeError(f"weight broadcast over NCCL needs one GPU per member, but {names} share a GPU "
-                               "(a colocated, fractional-GPU layout); set EUPHONIUM_WEIGHT_SYNC=object_store")
+                               "(a colocated, fractional-GPU layout); set cluster.weight_sync=object_store")
 
     def _broadcast(self, buffers: dict[str, Tensor]) -> None:
         import torch.distributed as dist
@@ -272,9 +257,10 @@ def _member_name(rank: int) -> str:
     return "the learner" if rank == 0 else f"rollout worker {rank - 1}"
 
 
-def make_weight_sync(backend: str, store: Any, *, rank: int = 0, world_size: int = 1, device: str = "cpu") -> WeightSync:
+def make_weight_sync(backend: str, store: Any, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
+                     timeout_s: float = 600.0) -> WeightSync:
     if backend == "object_store":
         return ObjectStoreSync(store)
     if backend == "collective":
-        return CollectiveSync(store, rank, world_size, device)
+        return CollectiveSync(store, rank, world_size, device, timeout_s)
     raise ValueError(f"unknown weight sync backend {backend!r}; use 'object_store' or 'collective'")

@@ -37,6 +37,7 @@ from euphonium_ray.models.base import TextConditioning  # noqa: E402
 from euphonium_ray.registry import POLICIES, PRMS  # noqa: E402
 from euphonium_ray.sampling import sample_trajectories  # noqa: E402
 from euphonium_ray.sharding import full_model_state, shard_transformer  # noqa: E402
+from euphonium_ray.step import build_optimizer  # noqa: E402
 
 TINY = dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_refiner_layers=1,
             patch_size=2, patch_size_t=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6))
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     adv = compute_advantages(traj, torch.randn(g, generator=gen), None, cfg)
     report["advantages_seconds"] = time.perf_counter() - t
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(policy.trainable_parameters(), cfg.optim)
     steps = []
     for i in range(args.steps):
         if on_gpu:

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 
 from bench.ray_overhead import PHASES, in_process, on_ray  # noqa: E402
 from euphonium_ray.config import RunConfig, load_config  # noqa: E402
-from euphonium_ray.driver import resolve_paths, weight_sync_backend  # noqa: E402
+from euphonium_ray.driver import resolve_paths  # noqa: E402
 from euphonium_ray.stage_log import StageLog  # noqa: E402
 
 ROLES = ("rollout", "prm", "orm", "learner")
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                  "batch": args.prompts * args.group, "sde_steps": cfg.sampler.num_steps, "rgg_start": cfg.rgg.start,
                  "share": args.share if args.device == "cuda" else 0.0, "steps": args.steps, "warmup": args.warmup,
                  "measured": [args.warmup, args.steps - 1], "clip_range": cfg.optim.clip_range,
-                 "weight_sync": weight_sync_backend(cfg), "torch": torch.__version__, "ray": ray.__version__,
+                 "weight_sync": cfg.cluster.weight_sync_backend(), "torch": torch.__version__, "ray": ray.__version__,
                  "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "object_store_bytes": object_store_bytes()}
         log(f"setup {json.dumps(setup)}")
     init: dict[str, Any] = {"num_cpus": args.num_cpus, "object_store_memory": setup["object_store_bytes"],

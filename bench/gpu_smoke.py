@@ -29,6 +29,7 @@ from euphonium_ray.models.base import TextConditioning  # noqa: E402
 from euphonium_ray.models.hunyuan import add_lora  # noqa: E402
 from euphonium_ray.registry import POLICIES, PRMS  # noqa: E402
 from euphonium_ray.sampling import sample_trajectories  # noqa: E402
+from euphonium_ray.step import build_optimizer  # noqa: E402
 
 TINY = dict(
     in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2,
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frames, size = (5, 32) if args.tiny else (29, 480)
     latent_shape = (16, (frames - 1) // 4 + 1, size // 8, size // 8)
     cfg: RunConfig = load_config(None, [
-        f"sampler.group_size={g}", "optim.grad_accum=1", "optim.lr=1e-5", f"steps=1",
+        f"sampler.group_size={g}", "optim.grad_accum=1", "optim.lr=1e-5", "steps=1",
         "advantage.mode=both", "rewards.latent_outcome=false",
     ], use_env=False)
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     orm = torch.randn(g, generator=gen)
     adv = compute_advantages(traj, orm, None, cfg)
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(policy.trainable_parameters(), cfg.optim)
     policy.transformer.train()
     _sync(device)
     t = time.perf_counter()

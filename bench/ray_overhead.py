@@ -23,12 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.common import build_orm, load_codec_for, load_policy, load_prm  # noqa: E402
+from euphonium_ray.roles import build_orm, load_codec_for, load_policy, load_prm  # noqa: E402
 from euphonium_ray.config import RunConfig, load_config  # noqa: E402
 from euphonium_ray.driver import prepare_inputs, resolve_paths  # noqa: E402
-from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402
-from euphonium_ray.sampling import (make_generators, prompts_for_step, sample_seed, sample_trajectories,  # noqa: E402
-                                    seeds_for)
+from euphonium_ray.sampling import prompts_for_step, seeds_for  # noqa: E402
+from euphonium_ray.step import advantages, build_optimizer, learn, learning_batch, rollout, score  # noqa: E402
 
 PHASES = ("rollout", "reward", "advantage", "learn", "broadcast", "step")
 
@@ -46,14 +45,13 @@ def in_process(cfg: RunConfig, steps: int, device: torch.device | str = "cpu",
     learner and (for ``optim.kl_coef`` > 0) reference copies the actors would hold, the PRM and ORM."""
     device = torch.device(device)
     dataset, _, _, latent_shape = prepare_inputs(cfg, lambda m: None)
-    rollout = load_policy(cfg, "rollout", device)
+    sampler = load_policy(cfg, "rollout", device)
     learner = load_policy(cfg, "learner", device)
     reference = load_policy(cfg, "reference", device) if cfg.optim.kl_coef > 0 else None
     prm = load_prm(cfg, device) if cfg.rgg.enabled or cfg.rewards.latent_outcome else None
     codec, orm = load_codec_for(cfg, device), build_orm(cfg, device)
-    o = cfg.optim
-    opt = torch.optim.AdamW(learner.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps,
-                            weight_decay=o.weight_decay)
+    opt = build_optimizer(learner.trainable_parameters(), cfg.optim)
+    latent_outcome = prm is not None and cfg.rewards.latent_outcome
     g = cfg.sampler.group_size
     out = []
     for step in range(steps):
@@ -62,26 +60,25 @@ def in_process(cfg: RunConfig, steps: int, device: torch.device | str = "cpu",
         cond, captions = dataset.conditioning(prompts)
         cond, captions = cond.repeat_interleave(g).to(device), [c for c in captions for _ in range(g)]
         seeds = seeds_for(cfg.seed, step, prompts, g, len(dataset))
-        traj = sample_trajectories(rollout, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa,
-                                   prm=prm if cfg.rgg.enabled else None, latent_shape=latent_shape, group_size=g,
-                                   generator=make_generators(seeds, device=device), logprob_mean=o.logprob_mean,
-                                   reduction=o.logprob_reduction, captions=captions, weight_version=step)
+        traj = rollout(sampler, cond, cfg, prm=prm, latent_shape=latent_shape, seeds=seeds, captions=captions,
+                       weight_version=step)
         t1 = _now(device)
         with torch.no_grad():
-            orm_r = orm.score(codec.decode(traj.x0_hat_final), captions)
-            latent = prm.score(traj.x0_hat_final, torch.zeros(len(captions), device=device), cond) if (
-                prm is not None and cfg.rewards.latent_outcome) else None
+            rewards = score(traj, lambda x, caps: orm.score(codec.decode(x), caps),
+                            (lambda x, c: prm.score(x, torch.zeros(x.shape[0], device=device), c))
+                            if latent_outcome else None)
         t2 = _now(device)
-        adv = compute_advantages(traj, orm_r, latent, cfg)
+        adv = advantages(traj, rewards, cfg)
         t3 = _now(device)
-        gen = torch.Generator().manual_seed(sample_seed(cfg.seed, step, -1, 0))
-        stats = grpo_update(learner, opt, traj.select(adv.kept_rows), adv.terms, cfg, gen, reference)
+        stats = learn(learner, opt, learning_batch(traj, adv), cfg, step=step, run_seeds=[cfg.seed],
+                      reference=reference)
         t4 = _now(device)
-        rollout.load_sync_state_dict({k: v.detach().clone() for k, v in learner.sync_state_dict().items()})
+        sampler.load_sync_state_dict({k: v.detach().clone() for k, v in learner.sync_state_dict().items()})
         t5 = _now(device)
         t = {"rollout": t1 - t0, "reward": t2 - t1, "advantage": t3 - t2, "learn": t4 - t3, "broadcast": t5 - t4,
-             "step": t5 - t0, "orm_mean": float(orm_r.nanmean()), "first_ratio_min": stats["first_ratio_min"],
-             "first_ratio_max": stats["first_ratio_max"]}
+             "step": t5 - t0, "orm_mean": float(rewards.orm.nanmean()),
+             "first_ratio_min": stats.get("first_ratio_min", float("nan")),
+             "first_ratio_max": stats.get("first_ratio_max", float("nan"))}
         out.append(t)
         log(f"in-process step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
     return out

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from euphonium_ray.errors import EuphoniumError
 
 CHECKPOINTS_DIR = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -31,7 +32,7 @@ STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EuphoniumError, ValueError):
     """A checkpoint that cannot be read or written; the message names the file."""
 
 
@@ -169,6 +170,21 @@ def config_hash(config: Any) -> str:
     data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def state_nbytes(state: dict[str, Tensor]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """A hash of names, dtypes and exact bytes: equal digests mean bit-identical parameters."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _fsync_tree(folder: Path) -> None:

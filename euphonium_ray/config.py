@@ -16,10 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from euphonium_ray.registry import ORMS, POLICIES, PRMS, Registry, RegistryError, load_plugins
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the offending key or value."""
+from euphonium_ray.sde import SDE, kl_mode_scale, sigma_schedule
+from euphonium_ray.errors import ConfigError
+from euphonium_ray.files import read_yaml_mapping
 
 
 class Section(BaseModel):
@@ -85,6 +84,14 @@ class SamplerConfig(Section):
     same_initial_noise: bool = True
     timestep_arithmetic: Literal["fp64", "fp32"] = "fp64"  # fp32: upstream's σ schedule and int(1000σ) (sde.py)
 
+    def schedule(self) -> Any:
+        """The σ schedule (N+1 values, 1 → 0) these settings sample on."""
+        return sigma_schedule(self.num_steps, self.shift, self.timestep_arithmetic)
+
+    def sde(self, sigmas: Any = None) -> SDE:
+        """The SDE these settings sample with, on ``sigmas`` (default: :meth:`schedule`)."""
+        return SDE.on_schedule(self.noise_type, self.eta, self.flow_a, self.schedule() if sigmas is None else sigmas)
+
 
 class GuidanceWindow(Section):
     """Where and how strongly a reward gradient shifts the sampler's mean.
@@ -113,7 +120,7 @@ class GuidanceWindow(Section):
     def effective_scale(self, eta: float) -> float:
         """The guidance scale c; "kl" mode derives it from the SDE noise: c = η²/(2β) (``target_ratio`` mode has
         no constant: see ``sde.target_ratio_shift``)."""
-        return eta**2 / (2 * self.kl_beta) if self.scale_mode == "kl" else self.scale
+        return kl_mode_scale(eta, self.kl_beta) if self.scale_mode == "kl" else self.scale
 
     def guided_members(self, group_size: int) -> int:
         """How many members of each group are guided."""
@@ -159,6 +166,15 @@ class PRMConfig(Section):
         return _registered(PRMS, v, "rewards.prm.kind")
 
 
+class VLLMJudgeConfig(Section):
+    """The vLLM judge's server (``rewards.orm.backend: vllm`` with a model folder as ``path``)."""
+
+    venv: str = ".venv-vllm"  # the environment vLLM runs from (scripts/vllm_env.sh builds it)
+    args: list[str] = Field(default_factory=list)  # extra server flags, e.g. [--tensor-parallel-size, "2"]
+    startup_timeout_s: float = Field(default=900.0, gt=0)  # for /health to answer
+    request_timeout_s: float = Field(default=600.0, gt=0)  # one judge request
+
+
 class ORMConfig(Section):
     """The pixel-space outcome reward model."""
 
@@ -170,6 +186,7 @@ class ORMConfig(Section):
     image_size: int = Field(default=448, ge=8)
     coef: float = 1.0
     dtype: Literal["fp32", "bf16"] = "bf16"
+    vllm: VLLMJudgeConfig = VLLMJudgeConfig()
 
     @field_validator("backend")
     @classmethod
@@ -230,6 +247,16 @@ class OptimConfig(Section):
     distill_coef: float = Field(default=0.0, ge=0)
 
 
+class TimeoutsConfig(Section):
+    """How long the driver and the actors wait before they give up, in seconds."""
+
+    reserve_s: float = Field(default=120.0, gt=0)  # one role's placement group
+    start_s: float = Field(default=600.0, gt=0)  # the role actors' model loading, the learner's start
+    step_s: float = Field(default=3600.0, gt=0)  # the learner's answer for one step
+    weights_s: float = Field(default=600.0, gt=0)  # a weight version's publication; the broadcast group's set-up
+    shutdown_s: float = Field(default=120.0, gt=0)  # the learner's stop; the scorers' closing of their servers
+
+
 class ClusterConfig(Section):
     """Ray placement: how many actors of each role and what each one gets."""
 
@@ -251,6 +278,16 @@ class ClusterConfig(Section):
     max_actor_restarts: int = Field(default=2, ge=0)
     max_task_retries: int = Field(default=2, ge=0)
     resources: dict[str, dict[str, float]] = Field(default_factory=dict)  # role -> custom resources (KubeRay groups)
+    # how weights reach the rollout workers: "auto" is a collective (NCCL) broadcast when the learner and the
+    # rollout workers have whole GPUs each, else the object store (NCCL refuses two members on one GPU)
+    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+
+    def weight_sync_backend(self) -> str:
+        """The transport ``weight_sync`` resolves to."""
+        if self.weight_sync != "auto":
+            return self.weight_sync
+        return "collective" if self.learner_gpus >= 1 and self.rollout_gpus >= 1 else "object_store"
 
 
 class OutputConfig(Section):
@@ -378,113 +415,6 @@ class RunConfig(Section):
         return self.rgg.effective_scale(self.sampler.eta)
 
 
-# --------------------------------------------------------------------------------- upstream environment
-# Upstream Euphonium is configured by shell variables; a user moving over keeps them working.
-# name -> (dotted key, kind).  Kinds: bool, float, int, str, or a special converter name; "joint": read together
-# with other variables by euphonium_ray/upstream_env.py, because upstream's code combines them.
-UPSTREAM_ENV: dict[str, tuple[str, str]] = {
-    "TRL_CORE_ENABLED": ("rewards.orm.enabled", "bool"),
-    "TRL_MODEL_PATH": ("rewards.orm.path", "str"),
-    "TRL_PROMPT_VARIANT": ("rewards.orm.prompt_variant", "str"),
-    "SCORE_COEF": ("rewards.orm.coef", "float"),
-    "HUNYUAN_VIDEO_PATH": ("model.path", "str"),
-    "LATENT_REWARD_IN_TRL_REWARD_ENABLED": ("rewards.latent_outcome", "bool"),
-    "LATENT_REWARD_IN_TRL_REWARD_COEF": ("rewards.latent_outcome_coef_in_score", "float"),
-    "LATENT_REWARD_IN_TRL_REWARD_CHECKPOINT_DIR": ("rewards.prm.path", "str"),
-    "LATENT_REWARD_USE_SIGMOID": ("rewards.prm.use_sigmoid", "bool"),
-    "PROCESS_LATENT_REWARD_ENABLED": ("rgg.enabled", "joint"),
-    "PROCESS_LATENT_REWARD_SAMPLING_ENABLED": ("rgg.enabled", "joint"),
-    "PROCESS_LATENT_REWARD_GUIDANCE_SCALE": ("rgg", "scale_or_kl"),
-    "PROCESS_LATENT_REWARD_KL_BETA": ("rgg.kl_beta", "float"),
-    "PROCESS_LATENT_REWARD_NORMALIZE_GRADIENT": ("rgg.normalize", "bool"),
-    "PROCESS_LATENT_REWARD_START_STEP": ("rgg.start", "int"),
-    "PROCESS_LATENT_REWARD_END_STEP": ("rgg.end", "end"),
-    "PROCESS_LATENT_REWARD_INTERVAL": ("rgg.interval", "int"),
-    "USE_DELTA_T_FOR_GRADIENT_SCALING": ("rgg.delta_t_scaling", "bool"),
-    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB": ("optim.logprob_mean", "guided_flag"),
-    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB_TRAINING": ("optim.logprob_mean_training", "joint"),
-    "PROCESS_REWARD_ADVANTAGE_MODE": ("advantage.mode", "adv_mode"),
-    "PROCESS_REWARD_ADVANTAGE_COEF": ("advantage.process_weight", "joint"),
-    "OUTCOME_REWARD_ADVANTAGE_COEF": ("advantage.outcome_weight", "joint"),
-    "USE_KL_LOSS": ("optim.kl_coef", "kl_switch"),
-    "KL_COEF": ("optim.kl_coef", "kl_coef"),
-    "SPSA_REWARD_ENABLED": ("spsa.enabled", "bool"),
-    "SPSA_REWARD_SIGMA": ("spsa.sigma", "float"),
-    "SPSA_REWARD_GUIDANCE_SCALE": ("spsa", "scale_or_kl"),
-    "SPSA_REWARD_NORMALIZE_GRADIENT": ("spsa.normalize", "bool"),
-    "SPSA_REWARD_NUM_SAMPLES": ("spsa.num_samples", "int"),
-    "SPSA_REWARD_START_STEP": ("spsa.start", "int"),
-    "SPSA_REWARD_END_STEP": ("spsa.end", "end"),
-    "SPSA_REWARD_INTERVAL": ("spsa.interval", "int"),
-    "SPSA_REWARD_KL_BETA": ("spsa.kl_beta", "float"),
-    "PROCESS_LATENT_REWARD_TRAINING_ENABLED": ("optim.logprob_mean_training", "joint"),
-    "TRL_DTYPE": ("rewards.orm.dtype", "str"),
-    "LATENT_REWARD_IN_TRL_REWARD_DTYPE": ("rewards.prm.dtype", "str"),
-}
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def parse_bool(text: str, name: str) -> bool:
-    low = text.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ConfigError(f"{name}: {text!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
-
-
-def _number(text: str, name: str, kind: type) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not a valid {kind.__name__}") from None
-
-
-def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Translate upstream's environment variables into dotted overrides (only those that are set)."""
-    environ = os.environ if environ is None else environ
-    out: dict[str, Any] = {}
-    kl_enabled: bool | None = None
-    for name, (key, kind) in UPSTREAM_ENV.items():
-        if name not in environ:
-            continue
-        raw = environ[name]
-        if kind == "bool":
-            out[key] = parse_bool(raw, name)
-        elif kind == "float":
-            out[key] = _number(raw, name, float)
-        elif kind == "int":
-            out[key] = _number(raw, name, int)
-        elif kind == "str":
-            out[key] = raw
-        elif kind == "end":
-            end = _number(raw, name, int)
-            out[key] = None if end < 0 else end
-        elif kind == "scale_or_kl":  # upstream: a negative scale selects "KL mode", c = η²/(2β)
-            scale = _number(raw, name, float)
-            out[f"{key}.scale_mode"] = "kl" if scale < 0 else "fixed"
-            if scale >= 0:
-                out[f"{key}.scale"] = scale
-        elif kind == "guided_flag":
-            out[key] = "guided" if parse_bool(raw, name) else "unguided"
-        elif kind == "adv_mode":
-            mode = {"0": "none", "1": "only", "2": "both"}.get(raw.strip(), raw.strip().lower())
-            out[key] = mode
-        elif kind == "kl_switch":
-            kl_enabled = parse_bool(raw, name)
-        elif kind == "kl_coef":
-            out["__kl_coef"] = _number(raw, name, float)
-    if kl_enabled is not None:  # USE_KL_LOSS gates KL_COEF (upstream default coefficient 3.125)
-        out["optim.kl_coef"] = out.pop("__kl_coef", 3.125) if kl_enabled else 0.0
-    out.pop("__kl_coef", None)
-    from euphonium_ray.upstream_env import joint_overrides  # it reads this module's parsers
-
-    out.update(joint_overrides(environ))
-    return out
-
-
 # ------------------------------------------------------------------------------------------- overrides
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
@@ -568,22 +498,13 @@ def load_config(
     """Resolve a run's config: YAML file < upstream env vars < ``--set`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-        if loaded is None:
-            raise ConfigError(f"config file {p} is empty (no keys at all); start from configs/toy.yaml")
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded
+        tree = read_yaml_mapping(path, "config file", empty="(no keys at all); start from configs/toy.yaml")
     _check_keys(tree, RunConfig)
     layers: list[tuple[str, Any]] = []
     origins: dict[str, str] = {}  # config key -> the upstream variable that set it, for error messages
     if use_env:
+        from euphonium_ray.upstream_env import UPSTREAM_ENV, env_overrides  # it builds on this module's schema
+
         layers.extend(env_overrides(environ).items())
         env = os.environ if environ is None else environ
         origins = {key: f"{name}={env[name]!r}" for name, (key, _) in UPSTREAM_ENV.items() if name in env}

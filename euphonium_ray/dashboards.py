@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
+from euphonium_ray.files import write_atomic
 from euphonium_ray.metrics_catalog import METRICS, MetricSpec, markdown_table
 
 DASHBOARD_UID = "euphonium-ray"
@@ -265,20 +265,6 @@ def metrics_markdown() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _target_file(out: str) -> Path:
     path = Path(out)
     return path / DASHBOARD_FILE if path.is_dir() or out.endswith(os.sep) else path
@@ -293,7 +279,7 @@ def _write_or_check(path: Path, text: str, check: bool, what: str) -> int:
             return 1
         print(f"{path} is up to date")
         return 0
-    write_atomic(path, text)
+    write_atomic(path, text, mode=0o644)
     print(f"wrote {path}")
     return 0
 

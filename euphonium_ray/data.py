@@ -16,13 +16,14 @@ import torch
 from torch import Tensor
 
 from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.errors import EuphoniumError
 
 EMBED_KEY = "prompt_embed_path"
 MASK_KEY = "prompt_attention_mask"
 CAPTION_KEY = "caption"
 
 
-class DataError(ValueError):
+class DataError(EuphoniumError, ValueError):
     """Bad prompt or embedding input; the message names the file (and the entry or shape) at fault."""
 
 
@@ -157,7 +158,7 @@ def heldout_split(num_prompts: int, heldout: int, seed: int) -> tuple[list[int],
 def write_subset_index(index: str | Path, out: str | Path, prompt_indices: Sequence[int]) -> Path:
     """A ``videos2caption.json`` holding only ``prompt_indices`` of ``index`` (entry i of the new file is entry
     ``prompt_indices[i]`` of the old), its paths made absolute so the file works from anywhere."""
-    from euphonium_ray.preprocess import write_json
+    from euphonium_ray.files import write_atomic
 
     index = Path(index)
     source = PromptEmbeddingDataset(index)
@@ -169,5 +170,5 @@ def write_subset_index(index: str | Path, out: str | Path, prompt_indices: Seque
             entry[key] = str(raw if raw.is_absolute() else (index.parent / raw).resolve())
         entries.append(entry)
     out = Path(out)
-    write_json(out, entries)
+    write_atomic(out, json.dumps(entries, indent=2, ensure_ascii=False))
     return out

@@ -14,21 +14,19 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 
-from euphonium_ray.config import ConfigError, RunConfig, load_config
-from euphonium_ray.learning import compute_advantages
+from euphonium_ray.config import RunConfig, load_config
+from euphonium_ray.errors import EuphoniumError, RunError
 from euphonium_ray.ray_output import send_worker_output_to
+from euphonium_ray.step import advantages, learning_batch
 
 __all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
 
 EventHook = Callable[[str, int, Any, dict[str, Any] | None], None]
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue; the message says what is wrong and where."""
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -85,7 +83,7 @@ def _check_prompts(cfg: RunConfig, pooled_dim: int, index: str | None = None):
 
 
 def _check_prm(cfg: RunConfig) -> None:
-    from actors.placement import needs_prm_pool
+    from euphonium_ray.actors.placement import needs_prm_pool
 
     if not (cfg.rgg.enabled or needs_prm_pool(cfg)) or cfg.rewards.prm.kind != "latent":
         return
@@ -168,26 +166,83 @@ def _export_plugin_dirs(cfg: RunConfig) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(extra + current)
 
 
-def weight_sync_backend(cfg: RunConfig) -> str:
-    """Whole GPUs for the learner and the rollouts: a collective (NCCL) broadcast; otherwise the object store.
-    Fractional GPUs mean members may share a device, and NCCL refuses two ranks on one GPU. Override with
-    ``EUPHONIUM_WEIGHT_SYNC=object_store|collective``."""
-    forced = os.environ.get("EUPHONIUM_WEIGHT_SYNC")
-    if forced:
-        return forced
-    whole = cfg.cluster.learner_gpus >= 1 and cfg.cluster.rollout_gpus >= 1
-    return "collective" if whole else "object_store"
-
-
 # -------------------------------------------------------------------------------------------------- loop
+class BatchFeed:
+    """A step's scored rollouts, from ``collect(step, version)``: made when asked (``sync``: with the weights of
+    the step itself), or with ``ahead`` made one step early on a thread while the learner learns the step before
+    (``async``: weights one version old; the importance ratio corrects that)."""
+
+    def __init__(self, collect: Callable[[int, int], Any], *, ahead: bool, end: int) -> None:
+        self.collect, self.ahead, self.end = collect, ahead, end
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollouts-ahead") if ahead else None
+        self.pending: tuple[int, Future[Any]] | None = None
+
+    def take(self, step: int) -> Any:
+        if self.pending is not None and self.pending[0] == step:
+            batch, self.pending = self.pending[1].result(), None
+            return batch
+        return self.collect(step, step)
+
+    def prefetch(self, step: int) -> None:
+        if self.pool is not None and step < self.end:
+            self.pending = (step, self.pool.submit(self.collect, step, step - 1))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class StepLog:
+    """What the driver does around the algorithm's calls: the step's clock and hooks, the records (metrics,
+    TensorBoard, JSONL), sample videos and the periodic ODE evaluation."""
+
+    def __init__(self, cfg: RunConfig, system: Any, recorder: Any, hook: EventHook,
+                 evaluate_orm: Callable[[int], Any]) -> None:
+        self.cfg, self.system, self.recorder, self.hook, self.evaluate_orm = cfg, system, recorder, hook, evaluate_orm
+        self.t_step = 0.0
+        self.timings: dict[str, float] = {}
+
+    def before(self, start: int) -> Any:
+        before = self.evaluate_orm(start)
+        self.recorder.eval(start - 1, float(before.nanmean()), record=False)
+        self.recorder.logger.info(f"ORM reward of unguided ODE samples before step {start}: "
+                                  f"{float(before.nanmean()):.4f}")
+        return before
+
+    def begin(self, step: int) -> None:
+        self.t_step, self.timings = time.perf_counter(), {}
+        self.system.timings.clear()
+        self.hook("step_start", step, self.system, None)
+
+    def timed(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.timings[phase] = time.perf_counter() - t0
+        return out
+
+    def end(self, batch: Any, adv: Any, stats: dict[str, Any]) -> dict[str, Any]:
+        cfg, step = self.cfg, batch.step
+        batch.timings.update(self.timings)
+        batch.timings.update(self.system.timings)  # learn, broadcast
+        batch.timings["step"] = time.perf_counter() - self.t_step
+        record = self.recorder.record(batch, adv, stats)
+        every = cfg.output.sample_every
+        if (every and step % every == 0) or (step + 1 == cfg.steps and cfg.output.write_final):
+            self.recorder.videos(step, self.system.decode(batch.traj.x0_hat_final[: cfg.sampler.group_size * 2]))
+        if cfg.output.eval_every and (step + 1) % cfg.output.eval_every == 0:
+            self.recorder.eval(step, float(self.evaluate_orm(step + 1).nanmean()))
+        self.hook("step_end", step, self.system, record)
+        return record
+
+
 def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = None, progress: bool = True,
           on_event: EventHook | None = None, evaluate: bool = True) -> dict[str, Any]:
     """Run (or continue) training; returns a summary (paths, rewards before/after, per-step records).
 
     ``on_event(name, step, system, record)`` is called at ``step_start`` and ``step_end`` (tests and tools look
     at the live system there); ``evaluate=False`` skips the ODE evaluation before and after training."""
-    from actors.placement import check_cluster
-    from actors.system import TrainingSystem
+    from euphonium_ray.actors.placement import check_cluster
+    from euphonium_ray.actors.system import TrainingSystem
     from euphonium_ray.sampling import prompts_for_step
     from euphonium_ray.checkpoint import CheckpointError, read_state, resolve_checkpoint
     from euphonium_ray.metrics import RayMetrics, StepRecorder
@@ -221,7 +276,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             logger.info(private_ray_note())
         check_cluster(cfg)
         metrics = RayMetrics("driver")
-        backend = weight_sync_backend(cfg)
+        backend = cfg.cluster.weight_sync_backend()
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
         logger.info(f"run {out}: steps {start}..{cfg.steps}, mode {cfg.cluster.mode}, weight sync {backend}"
@@ -241,49 +296,30 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
         return system.evaluate(version, eval_prompts, cfg.seed, eval_set.conditioning,
                                cfg.output.eval_samples_per_prompt)
 
+    def collect(step: int, version: int) -> Any:
+        """prompts -> rollouts (sampled with weight ``version``) -> rewards, for ``step``."""
+        prompts = prompts_for_step(step, n_prompts, cfg.data.prompts_per_step, cfg.data.shuffle_seed)
+        return system.score(system.rollout(step, version, prompts))
+
+    log = StepLog(cfg, system, recorder, hook, evaluate_orm)
+    feed = BatchFeed(collect, ahead=cfg.cluster.mode == "async", end=cfg.steps)
     try:
-        before = evaluate_orm(start) if evaluate else None
-        if before is not None:
-            recorder.eval(start - 1, float(before.nanmean()), record=False)
-            logger.info(f"ORM reward of unguided ODE samples before step {start}: {float(before.nanmean()):.4f}")
-        batch = None
+        before = log.before(start) if evaluate else None
         for step in range(start, cfg.steps):
-            t_step = time.perf_counter()
-            hook("step_start", step, system, None)
-            if batch is None:  # sync: sample with the weights of this very step (version = step)
-                batch = system.rollout_and_score(step, step, prompts_for_step(step, n_prompts,
-                                                                              cfg.data.prompts_per_step,
-                                                                              cfg.data.shuffle_seed))
-            t0 = time.perf_counter()
-            adv = compute_advantages(batch.traj, batch.orm, batch.latent, cfg)
-            batch.timings["advantage"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            system.submit_learning(step, batch.traj.select(adv.kept_rows), adv.terms)
-            upcoming = None
-            if cfg.cluster.mode == "async" and step + 1 < cfg.steps:  # overlaps the learner's work on `step`
-                upcoming = system.rollout_and_score(step + 1, step, prompts_for_step(
-                    step + 1, n_prompts, cfg.data.prompts_per_step, cfg.data.shuffle_seed))
-            stats = system.learning_result(step)
-            # ranks that hold the full weights report their digest (under FSDP only rank 0 gathers them)
-            if len({r["digest"] for r in stats.get("ranks", [stats]) if r.get("digest") is not None}) > 1:
-                raise RunError(f"step {step}: the learner's data-parallel ranks hold different parameters")
-            batch.timings["learn"] = time.perf_counter() - t0
-            broadcast = system.broadcast(step + 1) if cfg.cluster.mode == "sync" else {"seconds": 0.0}
-            batch.timings["broadcast"] = broadcast["seconds"]
-            batch.timings["step"] = time.perf_counter() - t_step
-            record = recorder.record(batch, adv, stats)
-            every = cfg.output.sample_every
-            if (every and step % every == 0) or (step + 1 == cfg.steps and cfg.output.write_final):
-                recorder.videos(step, system.decode(batch.traj.x0_hat_final[: cfg.sampler.group_size * 2]))
-            if cfg.output.eval_every and (step + 1) % cfg.output.eval_every == 0:
-                recorder.eval(step, float(evaluate_orm(step + 1).nanmean()))
-            hook("step_end", step, system, record)
-            batch = upcoming
+            log.begin(step)
+            batch = feed.take(step)  # sync: sampled now with weights `step`; async: during the last step's learning
+            adv = log.timed("advantage", advantages, batch.traj, batch.rewards, cfg)
+            system.learn(step, learning_batch(batch.traj, adv))
+            feed.prefetch(step + 1)  # async: the next step's rollouts run while the learner learns this one
+            stats = system.learned(step)
+            system.broadcast(step + 1)  # sync: every rollout worker loads the new version; async: they fetch it
+            log.end(batch, adv, stats)  # metrics, sample videos, periodic evaluation, the step_end hook
         after = evaluate_orm(cfg.steps) if evaluate else None
         summary = recorder.summary(before, after, start)
         logger.info(summary["text"])
         return summary
     finally:
+        feed.close()
         system.close()
         if started_ray:
             import ray
@@ -293,20 +329,6 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
 
 
 # ---------------------------------------------------------------------------------------------------- cli
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input (their messages name the file, key or resource), not a bug."""
-    from actors.placement import ClusterResourceError, RoleStartError
-    from actors.weights import StaleWeightsError
-    from euphonium_ray.checkpoint import CheckpointError
-    from euphonium_ray.data import DataError
-    from euphonium_ray.models.codecs import CodecError
-    from euphonium_ray.models.hunyuan import PolicyLoadError
-    from euphonium_ray.models.prm import PRMLoadError
-
-    return (ClusterResourceError, RoleStartError, StaleWeightsError, CheckpointError, DataError, CodecError,
-            PolicyLoadError, PRMLoadError)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="euphonium-ray train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config YAML (e.g. configs/toy.yaml)")
@@ -320,12 +342,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, args.set, use_env=not args.no_env)
         progress = not args.no_progress and sys.stderr.isatty()
         train(cfg, resume=args.resume, address=args.address, progress=progress)  # logs its own summary
-    except (ConfigError, RunError) as exc:
+    except EuphoniumError as exc:  # bad input or a run that cannot go on: one line naming what and where
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # one readable line for known input errors, a traceback otherwise
-        if isinstance(exc, _input_errors()):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
     return 0

@@ -28,11 +28,11 @@ from euphonium_ray.grpo import (
     upstream_velocity_kl,
 )
 from euphonium_ray.models.base import Policy
-from euphonium_ray.sde import diffusion_coefficient, flow_sigma_1, step_std, transition_log_prob, unguided_mean
+from euphonium_ray.sde import SDE, transition_log_prob
 from euphonium_ray.sharding import to_float
-from euphonium_ray.trajectory import Trajectories
+from euphonium_ray.trajectory import Trajectories, group_rows
 
-__all__ = ["Advantages", "compute_advantages", "grpo_update", "process_credit", "trainable_transitions",
+__all__ = ["AdvantageTerms", "Advantages", "compute_advantages", "grpo_update", "process_credit", "trainable_transitions",
            "unused_by_learner", "wants_output_rewards"]
 
 AdvantageTerms = list[tuple[float, Tensor]]
@@ -93,7 +93,7 @@ def compute_advantages(
     for group, reason in _bad_groups(credit_rewards, credit_mask, g, "process").items():
         skipped.setdefault(group, reason)
     keep_groups = [k for k in range(traj.num_groups) if k not in skipped]
-    kept_rows = (torch.tensor(keep_groups, dtype=torch.long).unsqueeze(1) * g + torch.arange(g)).reshape(-1)
+    kept_rows = group_rows(keep_groups, g)
     n = traj.num_steps
     if kept_rows.numel() == 0:
         return Advantages([], kept_rows, skipped, None)
@@ -319,14 +319,14 @@ def _transition_losses(
     flat_rows = rows.repeat_interleave(t)
     flat_k = chosen.reshape(-1)
     sigmas = traj.sigmas
-    sigma_1 = flow_sigma_1(sigmas)
+    sde = SDE.on_schedule(sp.noise_type, sp.eta, sp.flow_a, sigmas)
     s, s_next = sigmas[flat_k], sigmas[flat_k + 1]
     x = traj.latents[flat_rows, flat_k]
     x_next = traj.latents[flat_rows, flat_k + 1]
     cond = traj.cond.index(flat_rows)
     v = policy.velocity(x, s, cond)
-    mean = unguided_mean(x, v, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
-    std = step_std(s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
+    mean = sde.mean(x, v, s, s_next)
+    std = sde.std(s, s_next)
     guided_pos = torch.full((n,), -1, dtype=torch.long, device=x.device)
     guided_pos[traj.guided_steps] = torch.arange(traj.guided_steps.numel(), device=x.device)
     pos = guided_pos[flat_k]
@@ -343,11 +343,10 @@ def _transition_losses(
         with torch.no_grad():
             v_ref = reference_policy.velocity(x, s, cond)
         if o.kl_form == "upstream":
-            g = diffusion_coefficient(s, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a, sigma_1=sigma_1)
-            kl = upstream_velocity_kl(v, v_ref, s, s - s_next, g, reduction=o.logprob_reduction).reshape(r, t)
+            kl = upstream_velocity_kl(v, v_ref, s, s - s_next, sde.diffusion(s),
+                                      reduction=o.logprob_reduction).reshape(r, t)
         else:
-            mean_ref = unguided_mean(x, v_ref, s, s_next, sp.noise_type, eta=sp.eta, flow_a=sp.flow_a,
-                                     sigma_1=sigma_1)
+            mean_ref = sde.mean(x, v_ref, s, s_next)
             kl = kl_to_reference(mean, mean_ref, std, reduction=o.logprob_reduction).reshape(r, t)
     distill = torch.zeros(r, t, device=x.device)
     distill_on = on_guided_step

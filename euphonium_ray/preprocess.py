@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
+from euphonium_ray.files import write_atomic
 from euphonium_ray.data import CAPTION_KEY, EMBED_KEY, MASK_KEY, DataError, read_prompts_file
 
 EMBED_DIR = "prompt_embed"
@@ -30,27 +29,12 @@ MANIFEST_FILE = "preprocess_manifest.json"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tensor(path: Path, tensor: torch.Tensor) -> None:
-    atomic_write_bytes(path, lambda fh: torch.save(tensor.contiguous().clone(), fh))
+    write_atomic(path, lambda fh: torch.save(tensor.contiguous().clone(), fh))
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(data, indent=2, ensure_ascii=False).encode()))
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def prompt_digest(prompt: str, settings: dict[str, Any]) -> str:
@@ -166,7 +150,9 @@ def preprocess_prompts(
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="preprocess", unit="prompt",
                disable=not progress)
     if batches and ray_workers > 0:
-        _run_on_ray(batches, prompts, args, ray_workers, ray_init, lambda res: (record(res), bar.update(len(res[0]))))
+        from euphonium_ray.actors.prompt_encoders import encode_on_ray  # the one way from here into the Ray glue
+
+        encode_on_ray(batches, prompts, args, ray_workers, ray_init, lambda res: (record(res), bar.update(len(res[0]))))
     elif batches:
         worker = PromptEncoderWorker(*args)
         for batch in batches:
@@ -198,37 +184,6 @@ def truncation_note(index: int, prompt: str, window, max_tokens: int) -> str:
 
 def _warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _run_on_ray(batches: list[list[int]], prompts: list[str], args: tuple, workers: int,
-                ray_init: dict[str, Any] | None, on_done: Callable[[tuple], Any]) -> None:
-    """Spread batches over ``workers`` actors, keeping each busy with one batch at a time."""
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(**(ray_init or {}))
-    try:
-        actor_cls = ray.remote(num_cpus=1)(PromptEncoderWorker)
-        actors = [actor_cls.remote(*args) for _ in range(min(workers, len(batches)))]
-        pending: dict[Any, Any] = {}
-        queue = list(batches)
-        for actor in actors:
-            if queue:
-                batch = queue.pop(0)
-                pending[actor.encode.remote(batch, [prompts[i] for i in batch])] = actor
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ready[0])
-            on_done(ray.get(ready[0]))
-            if queue:
-                batch = queue.pop(0)
-                pending[actor.encode.remote(batch, [prompts[i] for i in batch])] = actor
-        for actor in actors:
-            ray.kill(actor)
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:

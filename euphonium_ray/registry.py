@@ -26,13 +26,14 @@ from __future__ import annotations
 import importlib
 from importlib import metadata
 from typing import Any, Callable, Iterable
+from euphonium_ray.errors import EuphoniumError
 
 __all__ = ["CODECS", "ORMS", "POLICIES", "PRMS", "Registry", "RegistryError", "load_plugins", "plugin_dirs"]
 
 ENTRY_POINT_GROUP = "euphonium_ray.plugins"
 
 
-class RegistryError(ValueError):
+class RegistryError(EuphoniumError, ValueError):
     """An unknown component name, or an entry that cannot be imported; the message names both and the choices."""
 
 

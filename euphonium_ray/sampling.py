@@ -22,18 +22,10 @@ from torch import Tensor
 
 from euphonium_ray.config import GuidanceWindow, RGGConfig, SamplerConfig, SPSAConfig
 from euphonium_ray.models.base import Policy, ProcessRewardModel, TextConditioning
-from euphonium_ray.sde import (
-    flow_sigma_1,
-    guidance_shift,
-    in_window,
-    predicted_x0,
-    sde_step,
-    sigma_schedule,
-    step_std,
-    target_ratio_shift,
-)
+from euphonium_ray.sde import guidance_shift, in_window, predicted_x0, target_ratio_shift
 from euphonium_ray.spsa import spsa_gradient
 from euphonium_ray.trajectory import Trajectories
+from euphonium_ray.errors import EuphoniumError
 
 __all__ = [
     "GeneratorLike",
@@ -54,7 +46,7 @@ SpsaScoreFn = Callable[[Tensor, Tensor], Tensor]
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
-class ProcessRewardError(RuntimeError):
+class ProcessRewardError(EuphoniumError, RuntimeError):
     """The PRM failed at a sampling step; the message names the step and σ (the driver decides what to do)."""
 
 
@@ -297,8 +289,8 @@ def sample_trajectories(
     device = cond.prompt_embeds.device
     shape = tuple(int(s) for s in latent_shape)
     n = sampler.num_steps
-    sigmas = sigma_schedule(n, sampler.shift, sampler.timestep_arithmetic)
-    sigma_1 = flow_sigma_1(sigmas)
+    sigmas = sampler.schedule()
+    sde = sampler.sde(sigmas)
     draws = (0 if initial_noise is not None else 1) + (0 if sampler.noise_type == "ode" else n)
     noise = _NoiseSource(generator, b, draws=draws, shape=shape, device=device)
     rgg_scale = rgg.effective_scale(sampler.eta)
@@ -334,9 +326,8 @@ def sample_trajectories(
         if i in window:
             t0 = time.perf_counter()
             if differentiate:
-                std = step_std(s, s_next, sampler.noise_type, eta=sampler.eta, flow_a=sampler.flow_a, sigma_1=sigma_1)
                 shift, state_score, norms = _prm_guidance(score_and_grad, x, s, dt, cond, rgg, rgg_scale, i,
-                                                          std.to(device), guided_rows)
+                                                          sde.std(s, s_next).to(device), guided_rows)
                 grad_norms[:, i] = norms
             else:
                 state_score = _prm_score(score_only, x, s, cond, i)  # type: ignore[arg-type]
@@ -354,8 +345,7 @@ def sample_trajectories(
             shift = extra if shift is None else shift + extra
             _add_time(timings, "spsa", t0)
         xi = None if sampler.noise_type == "ode" else noise.batch_noise(shape, device)
-        out = sde_step(x, v, s, s_next, noise_type=sampler.noise_type, eta=sampler.eta, flow_a=sampler.flow_a,
-                       sigma_1=sigma_1, guidance=shift, noise=xi, logprob_mean=logprob_mean, reduction=reduction)
+        out = sde.step(x, v, s, s_next, guidance=shift, noise=xi, logprob_mean=logprob_mean, reduction=reduction)
         if shift is not None:
             guided_steps.append(i)
             guided_means.append(out.mean_guided)
@@ -421,27 +411,14 @@ def sample_latents(
     rgg: RGGConfig | None = None,
     micro_batch: int | None = None,
 ) -> Tensor:
-    """Final latents x_N of plain sampling (ODE by default; SDE; or RGG when ``prm`` and ``rgg`` are given)."""
-    b = len(cond)
-    device = cond.prompt_embeds.device
-    shape = tuple(int(s) for s in latent_shape)
-    sigmas = sigma_schedule(num_steps, shift)
-    sigma_1 = flow_sigma_1(sigmas)
-    draws = (0 if initial_noise is not None else 1) + (0 if noise_type == "ode" else num_steps)
-    noise = _NoiseSource(generator, b, draws=draws, shape=shape, device=device)
-    score_and_grad, _ = _prm_callables(prm)
-    x = initial_noise.to(device=device, dtype=torch.float32) if initial_noise is not None else \
-        noise.batch_noise(shape, device)
-    every_row = torch.ones(b, dtype=torch.bool, device=device)
-    for i in range(num_steps):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        v = _velocity(policy, x, s, cond, micro_batch)
-        mean_shift = None
-        if score_and_grad is not None and rgg is not None and _window_on(rgg, i, num_steps):
-            std = step_std(s, s_next, noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1).to(device)
-            mean_shift, _, _ = _prm_guidance(score_and_grad, x, s, s - s_next, cond, rgg,
-                                             rgg.effective_scale(eta), i, std, every_row)
-        xi = None if noise_type == "ode" else noise.batch_noise(shape, device)
-        x = sde_step(x, v, s, s_next, noise_type=noise_type, eta=eta, flow_a=flow_a, sigma_1=sigma_1,
-                     guidance=mean_shift, noise=xi).x_next.float()
-    return x
+    """Final latents x_N of plain sampling (ODE by default; SDE; or RGG on every row when ``prm`` and ``rgg`` are
+    given): :func:`sample_trajectories`' loop, one sample per group, its bookkeeping dropped."""
+    sampler = SamplerConfig(num_steps=num_steps, shift=shift, noise_type=noise_type, eta=eta, flow_a=flow_a,
+                            group_size=1, same_initial_noise=False)
+    guided = prm is not None and rgg is not None and rgg.enabled
+    window = rgg.model_copy(update={"guided_fraction": 1.0}) if guided else RGGConfig(enabled=False)  # type: ignore[union-attr]
+    traj = sample_trajectories(policy, cond, sampler=sampler, rgg=window, spsa=SPSAConfig(enabled=False),
+                               prm=prm if guided else None, latent_shape=latent_shape, group_size=1,
+                               generator=generator, initial_noise=initial_noise, same_initial_noise=False,
+                               micro_batch=micro_batch)
+    return traj.latents[:, -1]

@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import reduce
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "SDE",
     "NoiseType",
     "ScalarLike",
     "SDEStepOutput",
@@ -375,3 +376,44 @@ def sde_step(
     ref = mu if logprob_mean == "unguided" else mu_g
     log_prob = transition_log_prob(x_next, ref, std, reduction=reduction)
     return SDEStepOutput(x_next, mu, mu_g, std, log_prob)
+
+
+# ------------------------------------------------------------------------------------------- the sampler
+@dataclass(frozen=True)
+class SDE:
+    """The sampler's SDE as one value, the way a diffusers scheduler carries its settings: the noise type, η
+    (``dance``), Flow-GRPO's level a (``flow``) and the schedule's σ_1 (what ``flow`` puts in the denominator at
+    σ = 1). The rollout, the learner's log-prob and every diagnostic evaluate the same kernel through it."""
+
+    noise_type: NoiseType = "dance"
+    eta: float = 0.25
+    flow_a: float = 0.7
+    sigma_1: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_noise_type(self.noise_type)
+
+    @classmethod
+    def on_schedule(cls, noise_type: NoiseType, eta: float, flow_a: float, sigmas: Tensor) -> "SDE":
+        """The SDE of a sampler whose σ schedule is ``sigmas`` (σ_1 read from it)."""
+        return cls(noise_type, float(eta), float(flow_a), flow_sigma_1(sigmas))
+
+    def diffusion(self, sigma: ScalarLike) -> Tensor:
+        """g(σ): :func:`diffusion_coefficient` of this sampler."""
+        return diffusion_coefficient(sigma, self.noise_type, eta=self.eta, flow_a=self.flow_a, sigma_1=self.sigma_1)
+
+    def mean(self, x: Tensor, v: Tensor, sigma: ScalarLike, sigma_next: ScalarLike) -> Tensor:
+        """The unguided transition mean (:func:`unguided_mean`)."""
+        return unguided_mean(x, v, sigma, sigma_next, self.noise_type, eta=self.eta, flow_a=self.flow_a,
+                             sigma_1=self.sigma_1)
+
+    def std(self, sigma: ScalarLike, sigma_next: ScalarLike, dtype: torch.dtype | None = None) -> Tensor:
+        """The transition noise std ``g·√Δt`` (:func:`step_std`)."""
+        return step_std(sigma, sigma_next, self.noise_type, eta=self.eta, flow_a=self.flow_a, sigma_1=self.sigma_1,
+                        dtype=dtype)
+
+    def step(self, x: Tensor, v: Tensor, sigma: ScalarLike, sigma_next: ScalarLike, **options: Any) -> SDEStepOutput:
+        """One transition of this sampler: :func:`sde_step`, whose keywords (guidance, noise, generator,
+        logprob_mean, reduction) ``options`` passes on."""
+        return sde_step(x, v, sigma, sigma_next, noise_type=self.noise_type, eta=self.eta, flow_a=self.flow_a,
+                        sigma_1=self.sigma_1, **options)

@@ -12,13 +12,13 @@ All functions here that gather are collectives: every rank must call them, in th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fsdp_block_lists", "full_model_state", "full_optimizer_state", "load_full_optimizer_state",
-           "shard_transformer", "to_float"]
+__all__ = ["average_gradients", "broadcast_parameters", "fsdp_block_lists", "full_model_state",
+           "full_optimizer_state", "load_full_optimizer_state", "shard_transformer", "to_float"]
 
 
 def fsdp_block_lists(module: nn.Module) -> list[nn.ModuleList]:
@@ -97,3 +97,28 @@ def to_float(value: Any) -> float:
     if hasattr(value, "full_tensor"):
         value = value.full_tensor()
     return float(value)
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+def average_gradients(world_size: int) -> Callable[[list[nn.Parameter]], None]:
+    """DDP's all-reduce as a ``grpo_update(grad_sync=...)`` hook: every rank ends with the mean gradient (a rank
+    with no gradient for a parameter contributes zeros)."""
+    import torch.distributed as dist
+
+    def sync(params: list[nn.Parameter]) -> None:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world_size)
+
+    return sync
+
+
+def broadcast_parameters(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers to every rank (the same start weights everywhere)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)

@@ -13,20 +13,27 @@ store without pickling custom classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.errors import EuphoniumError
 
-__all__ = ["Trajectories", "TrajectoryError"]
+__all__ = ["Trajectories", "TrajectoryError", "group_rows"]
 
 _COND_PREFIX = "cond."
 _OPTIONAL = ("process_rewards_next", "process_evaluated_next", "guided_rows", "guided_means", "guidance_shifts")
 
 
-class TrajectoryError(ValueError):
+def group_rows(groups: Sequence[int] | Tensor, group_size: int) -> Tensor:
+    """The batch rows of whole groups (groups are contiguous blocks of ``group_size`` rows), in group order."""
+    g = torch.as_tensor(groups, dtype=torch.long).reshape(-1)
+    return (g.unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1)
+
+
+class TrajectoryError(EuphoniumError, ValueError):
     """A trajectory batch that is inconsistent (shapes, groups) or cannot be combined with another."""
 
 
@@ -161,9 +168,7 @@ class Trajectories:
 
     def select_groups(self, groups: Tensor | list[int]) -> "Trajectories":
         """Whole groups by group position (0 … num_groups−1), keeping their rows contiguous."""
-        g = torch.as_tensor(groups, dtype=torch.long)
-        rows = (g.unsqueeze(1) * self.group_size + torch.arange(self.group_size)).reshape(-1)
-        return self.select(rows)
+        return self.select(group_rows(groups, self.group_size))
 
     def split_groups(self, parts: int) -> list["Trajectories"]:
         """Split into ``parts`` batches of whole groups, as evenly as possible (empty parts dropped)."""

@@ -1,6 +1,6 @@
 """Upstream Euphonium's launch-script variables, read with upstream's meaning.
 
-``config.UPSTREAM_ENV`` maps most of upstream's variables one-to-one onto a config key. Some only mean something
+``UPSTREAM_ENV`` maps most of upstream's variables one-to-one onto a config key. Some only mean something
 together, because upstream's code combines them; this module reads those (kind ``joint``), so that the variables
 of a ported ``train_grpo_hunyuan.sh`` give upstream's sampler and objective:
 
@@ -17,11 +17,118 @@ A joint group is read when one of its variables is set; its unset partners take 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
-from euphonium_ray.config import UPSTREAM_ENV, ConfigError, RunConfig, parse_bool
+from euphonium_ray.config import ConfigError, RunConfig
 
-__all__ = ["CHECKED_ONLY", "SCRIPT_VALUES", "defaults_table_markdown", "joint_overrides", "variable_table_markdown"]
+__all__ = ["CHECKED_ONLY", "SCRIPT_VALUES", "UPSTREAM_ENV", "defaults_table_markdown", "env_overrides",
+           "joint_overrides", "parse_bool", "variable_table_markdown"]
+
+# --------------------------------------------------------------------------------- upstream environment
+# Upstream Euphonium is configured by shell variables; a user moving over keeps them working.
+# name -> (dotted key, kind).  Kinds: bool, float, int, str, or a special converter name; "joint": read together
+# with other variables by euphonium_ray/upstream_env.py, because upstream's code combines them.
+UPSTREAM_ENV: dict[str, tuple[str, str]] = {
+    "TRL_CORE_ENABLED": ("rewards.orm.enabled", "bool"),
+    "TRL_MODEL_PATH": ("rewards.orm.path", "str"),
+    "TRL_PROMPT_VARIANT": ("rewards.orm.prompt_variant", "str"),
+    "SCORE_COEF": ("rewards.orm.coef", "float"),
+    "HUNYUAN_VIDEO_PATH": ("model.path", "str"),
+    "LATENT_REWARD_IN_TRL_REWARD_ENABLED": ("rewards.latent_outcome", "bool"),
+    "LATENT_REWARD_IN_TRL_REWARD_COEF": ("rewards.latent_outcome_coef_in_score", "float"),
+    "LATENT_REWARD_IN_TRL_REWARD_CHECKPOINT_DIR": ("rewards.prm.path", "str"),
+    "LATENT_REWARD_USE_SIGMOID": ("rewards.prm.use_sigmoid", "bool"),
+    "PROCESS_LATENT_REWARD_ENABLED": ("rgg.enabled", "joint"),
+    "PROCESS_LATENT_REWARD_SAMPLING_ENABLED": ("rgg.enabled", "joint"),
+    "PROCESS_LATENT_REWARD_GUIDANCE_SCALE": ("rgg", "scale_or_kl"),
+    "PROCESS_LATENT_REWARD_KL_BETA": ("rgg.kl_beta", "float"),
+    "PROCESS_LATENT_REWARD_NORMALIZE_GRADIENT": ("rgg.normalize", "bool"),
+    "PROCESS_LATENT_REWARD_START_STEP": ("rgg.start", "int"),
+    "PROCESS_LATENT_REWARD_END_STEP": ("rgg.end", "end"),
+    "PROCESS_LATENT_REWARD_INTERVAL": ("rgg.interval", "int"),
+    "USE_DELTA_T_FOR_GRADIENT_SCALING": ("rgg.delta_t_scaling", "bool"),
+    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB": ("optim.logprob_mean", "guided_flag"),
+    "USE_REWARD_GUIDED_MEAN_FOR_LOGPROB_TRAINING": ("optim.logprob_mean_training", "joint"),
+    "PROCESS_REWARD_ADVANTAGE_MODE": ("advantage.mode", "adv_mode"),
+    "PROCESS_REWARD_ADVANTAGE_COEF": ("advantage.process_weight", "joint"),
+    "OUTCOME_REWARD_ADVANTAGE_COEF": ("advantage.outcome_weight", "joint"),
+    "USE_KL_LOSS": ("optim.kl_coef", "kl_switch"),
+    "KL_COEF": ("optim.kl_coef", "kl_coef"),
+    "SPSA_REWARD_ENABLED": ("spsa.enabled", "bool"),
+    "SPSA_REWARD_SIGMA": ("spsa.sigma", "float"),
+    "SPSA_REWARD_GUIDANCE_SCALE": ("spsa", "scale_or_kl"),
+    "SPSA_REWARD_NORMALIZE_GRADIENT": ("spsa.normalize", "bool"),
+    "SPSA_REWARD_NUM_SAMPLES": ("spsa.num_samples", "int"),
+    "SPSA_REWARD_START_STEP": ("spsa.start", "int"),
+    "SPSA_REWARD_END_STEP": ("spsa.end", "end"),
+    "SPSA_REWARD_INTERVAL": ("spsa.interval", "int"),
+    "SPSA_REWARD_KL_BETA": ("spsa.kl_beta", "float"),
+    "PROCESS_LATENT_REWARD_TRAINING_ENABLED": ("optim.logprob_mean_training", "joint"),
+    "TRL_DTYPE": ("rewards.orm.dtype", "str"),
+    "LATENT_REWARD_IN_TRL_REWARD_DTYPE": ("rewards.prm.dtype", "str"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{name}: {text!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def _number(text: str, name: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Translate upstream's environment variables into dotted overrides (only those that are set)."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    kl_enabled: bool | None = None
+    for name, (key, kind) in UPSTREAM_ENV.items():
+        if name not in environ:
+            continue
+        raw = environ[name]
+        if kind == "bool":
+            out[key] = parse_bool(raw, name)
+        elif kind == "float":
+            out[key] = _number(raw, name, float)
+        elif kind == "int":
+            out[key] = _number(raw, name, int)
+        elif kind == "str":
+            out[key] = raw
+        elif kind == "end":
+            end = _number(raw, name, int)
+            out[key] = None if end < 0 else end
+        elif kind == "scale_or_kl":  # upstream: a negative scale selects "KL mode", c = η²/(2β)
+            scale = _number(raw, name, float)
+            out[f"{key}.scale_mode"] = "kl" if scale < 0 else "fixed"
+            if scale >= 0:
+                out[f"{key}.scale"] = scale
+        elif kind == "guided_flag":
+            out[key] = "guided" if parse_bool(raw, name) else "unguided"
+        elif kind == "adv_mode":
+            mode = {"0": "none", "1": "only", "2": "both"}.get(raw.strip(), raw.strip().lower())
+            out[key] = mode
+        elif kind == "kl_switch":
+            kl_enabled = parse_bool(raw, name)
+        elif kind == "kl_coef":
+            out["__kl_coef"] = _number(raw, name, float)
+    if kl_enabled is not None:  # USE_KL_LOSS gates KL_COEF (upstream default coefficient 3.125)
+        out["optim.kl_coef"] = out.pop("__kl_coef", 3.125) if kl_enabled else 0.0
+    out.pop("__kl_coef", None)
+    out.update(joint_overrides(environ))
+    return out
+
 
 # upstream scripts/train_grpo_hunyuan.sh at d9f2c39, lines 57-156: the values unset partners of a group take
 SCRIPT_VALUES: dict[str, str] = {
@@ -141,7 +248,7 @@ def _check_only(environ: Mapping[str, str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ docs
 # every variable of the launch script: name -> (our key, meaning). Read from the environment when the name is in
-# config.UPSTREAM_ENV or CHECKED_ONLY; the lowercase ones are plain shell variables upstream and are not read
+# UPSTREAM_ENV or CHECKED_ONLY; the lowercase ones are plain shell variables upstream and are not read
 # (generic names such as `shift` or `lr` in someone's environment must not change a run): the preset
 # configs/upstream.yaml carries their script values, and --set changes them.
 _VARIABLES: dict[str, tuple[str, str]] = {

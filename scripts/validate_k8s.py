@@ -289,7 +289,7 @@ def project_errors(objs: list[dict[str, Any]]) -> list[str]:
 def placement_errors(cfg: Any, spec: dict[str, Any], where: str = "RayCluster") -> list[str]:
     """Does the driver's placement of this config (actors.placement.role_bundles: one bundle of CPU, GPU and
     cluster.resources[role] per actor) land on exactly one worker group per role, and fit into it?"""
-    from actors.placement import role_bundles
+    from euphonium_ray.actors.placement import role_bundles
 
     capacity = {g["groupName"]: group_capacity(g, f"{where}/{g['groupName']}") for g in spec["workerGroupSpecs"]}
     owner = {res: group for group, cap in capacity.items() for res in cap if res not in {"GPU", "CPU"}}

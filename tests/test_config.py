@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from euphonium_ray.config import (
-    UPSTREAM_ENV,
-    ConfigError,
-    RunConfig,
-    env_overrides,
-    env_table_markdown,
-    load_config,
-)
+from euphonium_ray.config import ConfigError, RunConfig, env_table_markdown, load_config
+from euphonium_ray.upstream_env import UPSTREAM_ENV, env_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

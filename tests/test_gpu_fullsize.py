@@ -87,7 +87,7 @@ def test_a_depth_view_loads_the_first_blocks_of_the_written_weights(tmp_path):
 
 # ---------------------------------------------------------------------------------- library pieces it uses
 def test_prm_gradient_in_micro_batches_equals_the_whole_batch(tmp_path):
-    from actors.common import MicroBatchedPRM, load_prm
+    from euphonium_ray.roles import MicroBatchedPRM, load_prm
     from euphonium_ray.models.base import TextConditioning
     from euphonium_ray.models.prm import LatentPRM
 
@@ -113,7 +113,7 @@ def test_prm_gradient_in_micro_batches_equals_the_whole_batch(tmp_path):
 
 
 def test_lora_learner_on_a_bf16_base_trains_fp32_adapters_that_load_into_a_bf16_rollout_copy(tmp_path):
-    from actors.common import learner_weight_dtype
+    from euphonium_ray.roles import learner_weight_dtype
     from euphonium_ray.models.base import TextConditioning
     from euphonium_ray.registry import POLICIES
 

@@ -12,7 +12,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from euphonium_ray.config import load_config
 
-from test_ray_components import run_config, world  # noqa: F401  (fixtures)
+from conftest import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUARTERS = [f"cluster.{role}_gpus=0.25" for role in ("rollout", "prm", "orm", "learner")]
@@ -24,17 +24,16 @@ def _toy(*sets: str):
 
 
 def test_four_roles_on_quarter_shares_ask_for_exactly_one_gpu_and_sync_weights_through_the_object_store():
-    from actors.placement import check_cluster
-    from euphonium_ray.driver import weight_sync_backend
+    from euphonium_ray.actors.placement import check_cluster
 
     cfg = _toy(*QUARTERS)
     need = check_cluster(cfg, available={"CPU": 2.0, "GPU": 1.0})
     assert need["GPU"] == 1.0 and need["CPU"] == 2.0  # rollout 1 CPU + learner 1 CPU; reward actors none
-    assert weight_sync_backend(cfg) == "object_store"  # NCCL would refuse members sharing the GPU
+    assert cfg.cluster.weight_sync_backend() == "object_store"  # NCCL would refuse members sharing the GPU
 
 
 def test_roles_asking_for_more_than_one_gpu_in_shares_are_named_with_their_config_keys():
-    from actors.placement import ClusterResourceError, check_cluster
+    from euphonium_ray.actors.placement import ClusterResourceError, check_cluster
 
     cfg = _toy(*[s.replace("0.25", "0.3") for s in QUARTERS])
     with pytest.raises(ClusterResourceError, match=r"asks for 1\.2 GPU \(rollout 0\.3, orm 0\.3, learner 0\.3, "
@@ -43,7 +42,7 @@ def test_roles_asking_for_more_than_one_gpu_in_shares_are_named_with_their_confi
 
 
 def test_two_learners_on_half_a_gpu_each_are_refused_before_nccl_would_refuse_them():
-    from actors.placement import ClusterResourceError, check_cluster
+    from euphonium_ray.actors.placement import ClusterResourceError, check_cluster
 
     shared = _toy("cluster.num_learners=2", "cluster.learner_gpus=0.5", "data.prompts_per_step=4")
     with pytest.raises(ClusterResourceError, match=r"cluster\.num_learners=2 learners on cluster\.learner_gpus=0\.5 "
@@ -64,11 +63,11 @@ def ray_with_one_gpu():
 @pytest.mark.ray
 def test_rollout_prm_and_orm_actors_start_on_quarters_of_gpu_0_leaving_the_learners_quarter(
         world, ray_with_one_gpu, tmp_path):
-    from actors.placement import start_roles
-    from actors.weights import WeightStore
+    from euphonium_ray.actors.placement import start_roles
+    from euphonium_ray.actors.weights import WeightStore
 
-    cfg = run_config(world, tmp_path, *QUARTERS)
-    roles = start_roles(cfg, WeightStore.remote(), sync_backend="object_store", timeout_s=60)
+    cfg = run_config(world, tmp_path, *QUARTERS, "cluster.timeouts.reserve_s=60")
+    roles = start_roles(cfg, WeightStore.remote(), sync_backend="object_store")
     learner_pg = None
     try:
         infos = ray.get([a.ready.remote() for a in roles.rollout + roles.prm + roles.orm], timeout=60)
@@ -79,6 +78,6 @@ def test_rollout_prm_and_orm_actors_start_on_quarters_of_gpu_0_leaving_the_learn
         assert ray.wait([learner_pg.ready()], timeout=30)[0], "the learner's quarter of the GPU was not free"
         assert "GPU" not in ray.available_resources()
     finally:
-        roles.shutdown()
+        roles.shutdown(cfg.cluster.timeouts.shutdown_s)
         if learner_pg is not None:
             remove_placement_group(learner_pg)

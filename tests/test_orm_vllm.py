@@ -27,7 +27,7 @@ from euphonium_ray.models.base import OutcomeRewardModel
 from euphonium_ray.models.frames import FrameSamplingError, judge_frames
 from euphonium_ray.registry import ORMS
 from euphonium_ray.models.orm_solireward import DEFAULT_PROMPTS
-from euphonium_ray.models.orm_vllm import ARGS_ENV, VLLMJudgeClient, VLLMJudgeError, VLLMJudgeORM, VLLMServer
+from euphonium_ray.models.orm_vllm import VLLMJudgeClient, VLLMJudgeError, VLLMJudgeORM, VLLMServer
 
 torch.set_num_threads(1)
 
@@ -138,8 +138,8 @@ def judge(tmp_path_factory):
     folder = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-idefics3")
     env = pytest.MonkeyPatch()
     env.setenv("OMP_NUM_THREADS", "1")  # keep the shared machine's cores for others
-    env.setenv(ARGS_ENV, "--max-num-seqs 4")
-    orm = build_orm(ORMConfig(backend="vllm", path=str(folder), dtype="fp32", num_frames=FRAMES, image_size=SIZE))
+    orm = build_orm(ORMConfig(backend="vllm", path=str(folder), dtype="fp32", num_frames=FRAMES, image_size=SIZE,
+                              vllm={"venv": str(VLLM_VENV), "args": ["--max-num-seqs", "4"]}))
     try:
         yield folder, orm
     finally:

@@ -20,10 +20,10 @@ from typing import Any, Iterator
 import pytest
 import ray
 
-from euphonium_ray.driver import connect, train
+from euphonium_ray.driver import train
 
 from ray_head import start_head, stop_head
-from test_ray_components import run_config, world  # noqa: F401  (fixtures)
+from conftest import run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 HEAD_RESOURCE = "intruder_head"  # only the foreign head advertises it
@@ -82,7 +82,7 @@ import ray
 sys.path.insert(0, sys.argv[1])
 from euphonium_ray.driver import connect
 from test_private_ray import _where_ray_runs
-from test_ray_components import run_config
+from conftest import run_config
 from pathlib import Path
 started = connect(run_config(Path(sys.argv[2]), Path(sys.argv[3])), None)
 print(json.dumps({"started": started, **_where_ray_runs()}))

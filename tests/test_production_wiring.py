@@ -82,7 +82,7 @@ def decode_each(codec, latents: torch.Tensor) -> torch.Tensor:
 
 def worker_group_resources(cfg: RunConfig) -> dict[str, float]:
     """The KubeRay worker groups' label resources the placement asks for, summed over the roles' actors."""
-    from actors.placement import role_bundles
+    from euphonium_ray.actors.placement import role_bundles
 
     need: dict[str, float] = {}
     for bundles in role_bundles(cfg).values():
@@ -101,14 +101,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def kuberay_like_ray(models, tmp_path_factory):
     """A local Ray node that carries the worker-group resources of the production placement, started after the
-    environment its actors inherit is set (where the vLLM judge's environment is, and a small vLLM engine)."""
-    from euphonium_ray.models.orm_vllm import ARGS_ENV, VENV_ENV
-
+    environment its actors inherit is set (few threads for the vLLM server)."""
     cfg = production_config(models, tmp_path_factory.mktemp("probe"))
     node = {k: float(math.ceil(v)) for k, v in worker_group_resources(cfg).items()}  # a node declares whole units
     env = pytest.MonkeyPatch()
-    env.setenv(VENV_ENV, str(VLLM_VENV))
-    env.setenv(ARGS_ENV, "--max-num-seqs 4")
     env.setenv("OMP_NUM_THREADS", "1")  # the vLLM server's threads: keep the shared machine's cores for others
     ray.init(address="local", num_cpus=2, resources=node, object_store_memory=300 * 1024**2,
              include_dashboard=False, _node_ip_address="127.0.0.1")
@@ -140,8 +136,7 @@ def test_two_training_steps_of_the_production_config_through_every_ray_role(mode
     from euphonium_ray.data import PromptEmbeddingDataset, pooled_dim_of
 
     # whole GPUs (the production shares) broadcast through the collective; here it runs over gloo
-    monkeypatch.setenv("EUPHONIUM_WEIGHT_SYNC", "collective")
-    cfg = production_config(models, tmp_path / "run")
+    cfg = production_config(models, tmp_path / "run", "cluster.weight_sync=collective")
     checks: dict[str, list] = {"free_group_resources": [], "same_weights": [], "digests": []}
     dataset = PromptEmbeddingDataset(models["prompts"], pooled_dim=pooled_dim_of(models["model"]))
     cond, captions = dataset.conditioning([0, 1])
@@ -220,7 +215,7 @@ def test_an_orm_scorer_actor_builds_and_scores_for_every_backend_the_config_allo
     kind at ``rewards.orm.path``) builds an ``ORMScorer`` actor that scores: the SoliReward folder like the model
     loaded here, the shapes-world tasks like their judges on real shapes videos, the vLLM judge through the server
     it starts from its own environment, which ``close`` stops (the run's teardown calls it before killing)."""
-    from actors.reward import ORMScorer
+    from euphonium_ray.actors.reward import ORMScorer
     from euphonium_ray.registry import ORMS
     from euphonium_ray.toy.data import ShapesWorld
 
@@ -230,7 +225,8 @@ def test_an_orm_scorer_actor_builds_and_scores_for_every_backend_the_config_allo
         from test_orm_vllm import build_tiny_judge
 
         judge = build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-idefics3")
-        sets += [f"rewards.orm.path={judge}", "rewards.orm.dtype=fp32"]
+        sets += [f"rewards.orm.path={judge}", "rewards.orm.dtype=fp32", f"rewards.orm.vllm.venv={VLLM_VENV}",
+                 "rewards.orm.vllm.args=[--max-num-seqs, '4']"]
     cfg = production_config(models, tmp_path_factory.mktemp("orm"), *sets)
     scorer = ORMScorer.options(num_cpus=0.5).remote(cfg.model_dump(mode="json"), cpus=0.5)
     try:
@@ -268,7 +264,7 @@ def test_an_orm_scorer_actor_builds_and_scores_for_every_backend_the_config_allo
 def test_a_backend_that_cannot_start_is_one_line_naming_the_role_and_the_cause(models, kuberay_like_ray, tmp_path):
     """What ``euphonium-ray train`` prints when the ORM pool cannot load its model (here: the SoliReward folder is
     missing): the role and the loader's own message, before any step."""
-    from actors.placement import RoleStartError
+    from euphonium_ray.actors.placement import RoleStartError
     from euphonium_ray.driver import train
 
     missing = tmp_path / "no-SoliReward"

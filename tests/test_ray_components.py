@@ -1,10 +1,4 @@
-"""The Ray roles one at a time, on a real local Ray with the real toy model folder (built in code).
-
-Also holds the toy-world fixtures the other ``test_ray_*`` files import: a model folder made by the toy world's
-own ``build_toy_model`` (the committed pretrained policy, the exact pixel-unshuffle codec, prompt embeddings)
-and a latent PRM built from the policy's first block (``LatentPRM.from_policy``, untrained: these tests check
-plumbing, not PRM quality).
-"""
+"""The Ray roles one at a time, on a real local Ray with the real toy model folder (``conftest.world``)."""
 
 from __future__ import annotations
 
@@ -15,65 +9,18 @@ import pytest
 import ray
 import torch
 
+from conftest import run_config
 from euphonium_ray.config import RunConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
-
-
-# ------------------------------------------------------------------------------------------- toy world
-def toy_world(base: Path) -> Path:
-    """Build (once per session folder) ``base/toy-model`` and ``base/toy-prm``."""
-    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
-    from euphonium_ray.models.prm import LatentPRM
-    from euphonium_ray.toy.build import build_toy_model
-
-    model, prm = base / "toy-model", base / "toy-prm"
-    if not (prm / "config.json").is_file():
-        cfg = load_config(ROOT / "configs" / "toy.yaml", use_env=False)
-        build_toy_model(model, cfg, log=lambda m: None)
-        policy = HunyuanVideoPolicy.from_pretrained(model, with_codec=False)
-        LatentPRM.from_policy(policy.transformer, 1, 0).save_pretrained(prm)
-    return base
-
-
-def run_config(world: Path, out: Path, *sets: str) -> RunConfig:
-    """configs/toy.yaml made small: 2 prompts × 4 samples per step, 8 SDE steps, RGG from step 5."""
-    base = [
-        f"model.path={world / 'toy-model'}",
-        f"data.prompts={world / 'toy-model' / 'embeddings' / 'videos2caption.json'}", "data.eval_prompts=null",
-        f"rewards.prm.path={world / 'toy-prm'}",
-        f"output.dir={out}",
-        "steps=3", "data.prompts_per_step=2", "sampler.group_size=4", "sampler.num_steps=8", "rgg.start=5", "spsa.start=5",
-        "optim.grad_accum=4", "cluster.num_cpus=2", "cluster.rollout_cpus=0.5", "cluster.learner_cpus=0.5",
-        "output.save_every=100", "output.sample_every=100",
-        # the method these tests were written for (full fine-tuning, caption reward, normalised guidance of every
-        # member, input-credited process rewards, distillation): pinned here, so the demo's tuning can move on
-        "model.trainable=full", "rewards.orm.backend=toy", "rewards.latent_outcome=true", "rgg.scale_mode=fixed",
-        "rgg.scale=10.0", "rgg.normalize=true", "rgg.guided_fraction=1.0", "advantage.process_credit=input",
-        "optim.lr=2e-5", "optim.clip_range=0.01", "optim.distill_coef=1.0", "optim.kl_coef=1.0",
-    ]
-    return load_config(ROOT / "configs" / "toy.yaml", base + list(sets), use_env=False)
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    return toy_world(tmp_path_factory.getbasetemp() / "toy-world")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-             _system_config={"metrics_report_interval_ms": 1000})
-    yield
-    ray.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------- tests
 def test_rollout_worker_loads_exact_versions_and_refuses_stale_weights(world, local_ray, tmp_path):
-    from actors.rollout import RolloutWorker
-    from actors.weights import ObjectStoreSync, StaleWeightsError, WeightStore, state_digest
-    from actors.system import TrainingSystem  # noqa: F401  (import check: the driver's phase module loads)
+    from euphonium_ray.actors.rollout import RolloutWorker
+    from euphonium_ray.actors.weights import ObjectStoreSync, StaleWeightsError, WeightStore
+    from euphonium_ray.checkpoint import state_digest
+    from euphonium_ray.actors.system import TrainingSystem  # noqa: F401  (import check: the driver's phase module loads)
     from euphonium_ray.data import PromptEmbeddingDataset, pooled_dim_of
     from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
 
@@ -102,7 +49,8 @@ def test_rollout_worker_loads_exact_versions_and_refuses_stale_weights(world, lo
 
 
 def test_collective_broadcast_over_gloo_delivers_identical_weights(local_ray):
-    from actors.weights import CollectiveSync, WeightStore, state_digest
+    from euphonium_ray.actors.weights import CollectiveSync, WeightStore
+    from euphonium_ray.checkpoint import state_digest
 
     store = WeightStore.remote()
 
@@ -132,7 +80,7 @@ def test_collective_broadcast_over_gloo_delivers_identical_weights(local_ray):
 
 def test_orm_pool_balances_rows_and_gives_nan_for_an_unjudgeable_video_then_the_group_is_skipped(world, local_ray,
                                                                                                   tmp_path):
-    from actors.reward import ORMScorer, ScorerPool
+    from euphonium_ray.actors.reward import ORMScorer, ScorerPool
     from euphonium_ray.learning import compute_advantages
     from euphonium_ray.trajectory import Trajectories
 
@@ -168,7 +116,7 @@ def _cond(b: int):
 
 
 def test_more_gpus_than_the_cluster_has_is_a_clear_error_before_anything_is_reserved(world, local_ray, tmp_path):
-    from actors.placement import ClusterResourceError, check_cluster, role_bundles
+    from euphonium_ray.actors.placement import ClusterResourceError, check_cluster, role_bundles
 
     cfg = run_config(world, tmp_path, "cluster.rollout_gpus=1", "cluster.learner_gpus=2")
     with pytest.raises(ClusterResourceError, match=r"asks for 3 GPU \(rollout 1, learner 2\) but the Ray cluster has 0"
@@ -244,7 +192,8 @@ def test_train_command_refuses_more_gpus_than_the_cluster_has_without_hanging(wo
 def test_a_nan_reward_is_logged_and_its_group_skipped_by_the_step_recorder(world, local_ray, tmp_path):
     import json
 
-    from actors.system import StepBatch
+    from euphonium_ray.actors.system import StepBatch
+    from euphonium_ray.step import Rewards
     from euphonium_ray.learning import compute_advantages
     from euphonium_ray.metrics import RayMetrics, StepRecorder
     from euphonium_ray.run_logging import RunLogger
@@ -261,7 +210,7 @@ def test_a_nan_reward_is_logged_and_its_group_skipped_by_the_step_recorder(world
                         group_ids=torch.arange(b) // 2, prompt_indices=torch.arange(b) // 2,
                         sample_seeds=torch.arange(b), cond=_cond(b), captions=["a"] * b, group_size=2)
     orm = torch.tensor([0.5, float("nan"), 0.2, 0.4])
-    batch = StepBatch(0, 0, traj, orm, None, {"rollout": 1.0})
+    batch = StepBatch(0, 0, traj, Rewards(orm), {"rollout": 1.0})
     logger = RunLogger(tmp_path, total_steps=1, progress=False)
     recorder = StepRecorder(cfg, logger, RayMetrics("driver"))
     recorder.record(batch, compute_advantages(traj, orm, None, cfg), {"version": 1})
@@ -274,8 +223,9 @@ def test_a_nan_reward_is_logged_and_its_group_skipped_by_the_step_recorder(world
 
 
 def test_lora_training_broadcasts_only_the_adapter_tensors(world, local_ray, tmp_path):
-    from actors.rollout import RolloutWorker
-    from actors.weights import ObjectStoreSync, WeightStore, state_digest
+    from euphonium_ray.actors.rollout import RolloutWorker
+    from euphonium_ray.actors.weights import ObjectStoreSync, WeightStore
+    from euphonium_ray.checkpoint import state_digest
     from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
 
     cfg = run_config(world, tmp_path, "model.trainable=lora", "model.lora_rank=2")
@@ -309,19 +259,17 @@ def test_prompt_order_and_sample_seeds_are_pure_functions_of_the_step():
 def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_by_role(monkeypatch):
     """NCCL refuses two ranks on one GPU (measured on an H200: "Duplicate GPU detected", NCCL 2.28), so a
     fractional-GPU layout defaults to the object store, and a forced collective names the members that collide."""
-    from actors.weights import ranks_sharing_a_device
-    from euphonium_ray.driver import weight_sync_backend
+    from euphonium_ray.actors.weights import ranks_sharing_a_device
 
-    monkeypatch.delenv("EUPHONIUM_WEIGHT_SYNC", raising=False)
-
-    def backend(learner: float, rollout: float) -> str:
-        return weight_sync_backend(load_config(None, [f"cluster.learner_gpus={learner}",
-                                                      f"cluster.rollout_gpus={rollout}"], use_env=False))
+    def backend(learner: float, rollout: float, *sets: str, environ: dict[str, str] | None = None) -> str:
+        cfg = load_config(None, [f"cluster.learner_gpus={learner}", f"cluster.rollout_gpus={rollout}", *sets],
+                          environ=environ or {}, use_env=True)
+        return cfg.cluster.weight_sync_backend()
 
     assert backend(1, 1) == "collective"
     assert backend(0.5, 0.5) == backend(1, 0.5) == backend(0, 1) == "object_store"
-    monkeypatch.setenv("EUPHONIUM_WEIGHT_SYNC", "collective")
-    assert backend(0.5, 0.5) == "collective"
+    assert backend(0.5, 0.5, "cluster.weight_sync=collective") == "collective"
+    assert backend(1, 1, "cluster.weight_sync=object_store") == "object_store"
     where = {0: "10.0.0.1/GPU-a", 1: "10.0.0.1/GPU-b", 2: "10.0.0.1/GPU-a", 3: "10.0.0.2/GPU-a", 4: "10.0.0.1/GPU-b"}
     assert ranks_sharing_a_device(where) == [[0, 2], [1, 4]]
     assert ranks_sharing_a_device({0: "n/GPU-a", 1: "n/GPU-b"}) == []

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_ray_components import ROOT, world  # noqa: F401  (fixture)
+from conftest import ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from euphonium_ray.driver import train
 from euphonium_ray.metrics import metrics_endpoint, scrape_metrics
 
-from test_ray_components import local_ray, run_config, world  # noqa: F401  (fixtures)
+from conftest import run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 4
@@ -174,13 +174,12 @@ def test_two_learners_over_gloo_share_the_groups_and_broadcast_the_trained_weigh
     to go on if the ranks' parameters differ) and FSDP with the collective broadcast (each rank holds half of the
     weights and AdamW state; the broadcast and the checkpoint are gathered from the shards). Each rank trains half
     of the step's groups, and the rollout worker ends every step with exactly the learner's weights."""
-    from actors.weights import state_digest
+    from euphonium_ray.checkpoint import state_digest
     from euphonium_ray.checkpoint import latest_checkpoint, read_transformer_weights
 
-    monkeypatch.setenv("EUPHONIUM_WEIGHT_SYNC", "collective" if fsdp else "object_store")
-
     cfg = run_config(world, tmp_path, "steps=2", "cluster.num_learners=2", "cluster.learner_cpus=0.5",
-                     "cluster.rollout_cpus=0.5", f"cluster.fsdp={str(fsdp).lower()}")
+                     "cluster.rollout_cpus=0.5", f"cluster.fsdp={str(fsdp).lower()}",
+                     f"cluster.weight_sync={'collective' if fsdp else 'object_store'}")
     same: list[bool] = []
     digests: list[str] = []
 

@@ -176,7 +176,7 @@ def test_euphonium_ray_train_on_the_toy_world_scores_rollouts_with_the_plugin_re
     a module in the user's working directory is: the driver hands its folder to Ray's workers."""
     from euphonium_ray.driver import main
 
-    from test_ray_components import run_config
+    from conftest import run_config
 
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the driver extends it; undone afterwards
 
@@ -195,6 +195,6 @@ def test_euphonium_ray_train_on_the_toy_world_scores_rollouts_with_the_plugin_re
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from test_ray_components import toy_world
+    from conftest import toy_world
 
     return toy_world(tmp_path_factory.getbasetemp() / "toy-world")

@@ -281,6 +281,19 @@ def test_trajectories_round_trip_through_a_tensor_dict_and_split_by_groups(polic
     assert torch.equal(joined.cond.prompt_embeds, traj.cond.prompt_embeds) and joined.weight_version == 3
 
 
+def test_trajectories_without_one_optional_field_round_trip_with_that_field_none(policy):
+    """What a rollout worker sends when the learner reads the guided means but not the guidance shifts (the toy
+    demo's distillation without a guided-mean log-prob) comes back whole, the dropped field None."""
+    cfg = _cfg(sampler__num_steps=4, rgg__start=2)
+    cond = make_cond(num_prompts=2, group_size=2)
+    traj = sample_trajectories(policy, cond, sampler=cfg.sampler, rgg=cfg.rgg, spsa=cfg.spsa, prm=QuadraticPRM(),
+                               latent_shape=LATENT_SHAPE, group_size=2, generator=make_generators(range(4)))
+    for dropped, kept in (("guidance_shifts", "guided_means"), ("guided_means", "guidance_shifts")):
+        back = Trajectories.from_dict(traj.without(dropped).to_dict())
+        assert getattr(back, dropped) is None
+        assert torch.equal(getattr(back, kept), getattr(traj, kept)) and torch.equal(back.latents, traj.latents)
+
+
 def test_trajectories_reject_a_field_with_the_wrong_shape(policy):
     cfg = _cfg(sampler__num_steps=2, rgg__enabled=False, rgg__start=0)
     cond = make_cond(num_prompts=1, group_size=2)

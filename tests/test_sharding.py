@@ -33,10 +33,9 @@ def _adam_moments(sd: dict) -> dict[str, torch.Tensor]:
 def _ranks_update(rank: int, tmp: str) -> None:
     """Each rank: the same start weights, its own rollouts; DDP (all-reduced gradients) on one copy and FSDP on
     another, then rank 0 compares the gathered FSDP weights and AdamW moments with the DDP ones."""
-    from actors.learner import _average_gradients
     from euphonium_ray.checkpoint import load_checkpoint, read_optimizer_state, save_checkpoint
-    from euphonium_ray.sharding import full_model_state, full_optimizer_state, load_full_optimizer_state, \
-        shard_transformer
+    from euphonium_ray.sharding import average_gradients, full_model_state, full_optimizer_state, \
+        load_full_optimizer_state, shard_transformer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -51,7 +50,7 @@ def _ranks_update(rank: int, tmp: str) -> None:
     ddp = copy.deepcopy(start)
     ddp_opt = torch.optim.AdamW(ddp.trainable_parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ddp_stats = grpo_update(ddp, ddp_opt, traj, terms, cfg, torch.Generator().manual_seed(7 + rank),
-                            grad_sync=_average_gradients(WORLD))
+                            grad_sync=average_gradients(WORLD))
 
     fsdp = copy.deepcopy(start)
     units = shard_transformer(fsdp.transformer)

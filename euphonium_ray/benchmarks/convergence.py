@@ -33,6 +33,7 @@ from euphonium_ray.benchmarks.settings import (
     task_overrides,
 )
 from euphonium_ray.config import ConfigError, RunConfig
+from euphonium_ray.files import write_atomic
 
 DEFAULT_CONFIGS = records.REPO_ROOT / "bench" / "configs"
 DEFAULT_OUT = Path("outputs") / "bench" / "convergence"
@@ -184,7 +185,7 @@ def write_report(out: Path, info: dict[str, Any], log: Log) -> dict[str, Any]:
         text.append(claim_table(task, claim, bar) + "\n" + markdown_table(result))
     report = {**info, "tasks": tasks, "plots": [str(p) for p in plots]}
     records.write_json_atomic(out / records.REPORT_JSON, report)
-    records.write_text_atomic(out / records.REPORT_MD, "\n".join(text))
+    write_atomic(out / records.REPORT_MD, "\n".join(text))
     log("\n".join(text))
     log(f"report: {out / records.REPORT_JSON}; plots: {', '.join(str(p) for p in plots)}")
     return report

@@ -16,15 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from euphonium_ray.benchmarks.analysis import RunLog
 from euphonium_ray.checkpoint import config_hash
 from euphonium_ray.config import RunConfig
+from euphonium_ray.errors import EuphoniumError
+from euphonium_ray.files import write_atomic
 
 RUN_INFO = "run_info.json"
 REPORT_JSON = "convergence.json"
@@ -34,7 +34,7 @@ EVALS_FILE = "evals.jsonl"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class RecordError(ValueError):
+class RecordError(EuphoniumError, ValueError):
     """A benchmark output folder whose logs cannot be read; the message names the file and line."""
 
 
@@ -75,24 +75,7 @@ def json_safe(data: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    data = json_safe(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, allow_nan=False, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False, default=str) + "\n")
 
 
 def load_logs(out: Path) -> list[RunLog]:

@@ -1,8 +1,7 @@
 """Benchmark runs in-process: one method on one task at one or several seeds, each step the library's Euphonium step.
 
-Each training step is :func:`train_step`: ``step.rollout`` → decode + task reward (+ PRM latent outcome) →
-``learning.compute_advantages`` → ``learning.grpo_update``, the calls the Ray actors make, with no algorithm of its
-own. Several seeds of one (task, method) train as one :class:`~euphonium_ray.ensemble.PolicyEnsemble` (one batched
+Each training step is :func:`train_step`: ``step.rollout`` → ``step.score`` (decode + task reward, + PRM latent
+outcome) → ``step.advantages`` → ``step.learn``, the calls the Ray actors make, with no algorithm of its own. Several seeds of one (task, method) train as one :class:`~euphonium_ray.ensemble.PolicyEnsemble` (one batched
 network on a GPU; on a CPU the same arithmetic, no faster): every member has its own seed, adapters, noise,
 transition subsets, optimizer state and clipping, exactly as a run alone. A step's wall-clock and process-CPU
 seconds are measured around the step (an ensemble's are shared by its members); held-out evaluation (unguided ODE
@@ -21,11 +20,10 @@ from torch import Tensor
 from euphonium_ray.benchmarks.world import BenchWorld
 from euphonium_ray.config import RunConfig
 from euphonium_ray.ensemble import PolicyEnsemble
-from euphonium_ray.learning import compute_advantages, grpo_update
 from euphonium_ray.models.base import OutcomeRewardModel, Policy, TextConditioning
 from euphonium_ray.sampling import prompts_for_step, sample_latents, seeds_for
-from euphonium_ray.sde import flow_sigma_1, step_std
-from euphonium_ray.step import build_optimizer, rollout, transition_generator, uses_prm, wants_latent_outcome
+from euphonium_ray.step import (advantages, build_optimizer, learn, learning_batch, rollout, score, uses_prm,
+                                wants_latent_outcome)
 from euphonium_ray.trajectory import Trajectories
 
 __all__ = ["EnsembleRun", "StepResult", "guidance_to_noise", "heldout_reward", "train_step"]
@@ -51,9 +49,7 @@ def guidance_to_noise(traj: Trajectories, cfg: RunConfig) -> float:
     if traj.guided_steps.numel() == 0:
         return 0.0
     k = traj.guided_steps
-    sp = cfg.sampler
-    std = step_std(traj.sigmas[k], traj.sigmas[k + 1], sp.noise_type, eta=sp.eta, flow_a=sp.flow_a,
-                   sigma_1=flow_sigma_1(traj.sigmas))
+    std = cfg.sampler.sde(traj.sigmas).std(traj.sigmas[k], traj.sigmas[k + 1])
     norms = torch.linalg.vector_norm(traj.guidance_shifts.flatten(2), dim=2)  # (B, M)
     if traj.guided_rows is not None:
         norms = norms[traj.guided_rows]
@@ -61,16 +57,6 @@ def guidance_to_noise(traj: Trajectories, cfg: RunConfig) -> float:
         return 0.0
     dim = traj.guidance_shifts[0, 0].numel()
     return float((norms / (std.to(norms) * dim**0.5)).mean())
-
-
-def _zero_skipped(adv_terms: list[tuple[float, Tensor]], kept_rows: Tensor, b: int) -> list[tuple[float, Tensor]]:
-    """Advantages on all ``b`` rows with skipped groups' rows at zero (an ensemble keeps its K equal blocks)."""
-    out = []
-    for w, a in adv_terms:
-        full = torch.zeros(b, *a.shape[1:], dtype=a.dtype)
-        full[kept_rows] = a.cpu()
-        out.append((w, full))
-    return out
 
 
 def train_step(policy: Policy, optimizer: torch.optim.Optimizer, world: BenchWorld, cfg: RunConfig, step: int,
@@ -87,8 +73,14 @@ def train_step(policy: Policy, optimizer: torch.optim.Optimizer, world: BenchWor
     captions_all = captions * k
     seeds = [s for rs in run_seeds for s in seeds_for(rs, step, prompt_indices, g, len(world.train))]
 
+    def score_videos(latents: Tensor, caps: list[str]) -> Tensor:
+        return world.decode_and_score(orm, latents, caps)
+
     def spsa_score(points: Tensor, rows: Tensor) -> Tensor:
-        return world.decode_and_score(orm, points, [captions_all[int(r)] for r in rows])
+        return score_videos(points, [captions_all[int(r)] for r in rows])
+
+    def score_clean(latents: Tensor, c: TextConditioning) -> Tensor:
+        return prm.score(latents, torch.zeros(latents.shape[0]), c).float()
 
     t0 = time.perf_counter()
     traj = rollout(policy, cond_all, cfg, prm=prm, seeds=seeds, latent_shape=world.latent_shape,
@@ -96,28 +88,19 @@ def train_step(policy: Policy, optimizer: torch.optim.Optimizer, world: BenchWor
                    captions=captions_all, spsa_score_fn=spsa_score if cfg.spsa.enabled else None, timings=timings)
     timings["sampling"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rewards = world.decode_and_score(orm, traj.x0_hat_final, captions_all)
-    latent = None
-    if prm is not None and wants_latent_outcome(cfg):
-        latent = prm.score(traj.x0_hat_final, torch.zeros(traj.batch_size), traj.cond).float()
-    adv = compute_advantages(traj, rewards, latent, cfg)
+    rewards = score(traj, score_videos, score_clean if prm is not None and wants_latent_outcome(cfg) else None)
+    adv = advantages(traj, rewards, cfg)
     timings["rewards"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gens = [transition_generator(rs, step) for rs in run_seeds]  # the learner actor's stream (actors/learner.py)
-    stats: list[dict[str, float]] = [{} for _ in run_seeds]
-    if adv.kept_rows.numel() and adv.terms:
-        if k == 1:
-            stats = [grpo_update(policy, optimizer, traj.select(adv.kept_rows), adv.terms, cfg, gens[0], reference)]
-        else:
-            out = grpo_update(policy, optimizer, traj, _zero_skipped(adv.terms, adv.kept_rows, traj.batch_size),
-                              cfg, gens, reference)
-            stats = out["members"]
+    out = learn(policy, optimizer, learning_batch(traj, adv, k), cfg, step=step, run_seeds=run_seeds,
+                reference=reference)
+    stats: list[dict[str, float]] = out.get("members", [out]) if out else [{} for _ in run_seeds]
     timings["update"] = time.perf_counter() - t0
     per = traj.batch_size // k
     parts = [traj.select(torch.arange(m * per, (m + 1) * per)) for m in range(k)] if k > 1 else [traj]
     evaluated = [p.process_evaluated for p in parts]
     return StepResult(
-        rewards=[rewards[m * per:(m + 1) * per] for m in range(k)],
+        rewards=[rewards.orm[m * per:(m + 1) * per] for m in range(k)],
         stats=stats,
         timings=timings,
         skipped_groups=len(adv.skipped_groups),

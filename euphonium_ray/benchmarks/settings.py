@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from euphonium_ray.config import ConfigError, RunConfig, load_config
+from euphonium_ray.files import read_yaml_mapping
 
 EXTENDS_KEY = "extends"
 SETTINGS_FILE = "benchmark.yaml"
@@ -116,18 +117,6 @@ class BenchmarkSettings(BaseModel):
         return self
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"benchmark config not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"benchmark config {path} is not valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"benchmark config {path} must hold a mapping at the top level")
-    return tree
-
-
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` over ``base``, recursing into mappings (lists and scalars are replaced)."""
     out = copy.deepcopy(base)
@@ -145,7 +134,7 @@ def resolve_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, An
     if file in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, file))
         raise ConfigError(f"benchmark configs extend each other in a cycle: {chain}")
-    tree = _read_yaml(file)
+    tree = read_yaml_mapping(file, "benchmark config")
     parent = tree.pop(EXTENDS_KEY, None)
     if parent is None:
         return tree
@@ -179,7 +168,7 @@ def load_method_config(path: str | Path, overrides: list[str] | None = None) -> 
 def load_settings(configs_dir: str | Path) -> BenchmarkSettings:
     path = Path(configs_dir) / SETTINGS_FILE
     try:
-        return BenchmarkSettings.model_validate(_read_yaml(path))
+        return BenchmarkSettings.model_validate(read_yaml_mapping(path, "benchmark config"))
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{path}: {problems}") from None

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from euphonium_ray.models.base import LatentCodec
 from euphonium_ray.registry import CODECS
+from euphonium_ray.errors import EuphoniumError
 
-class CodecError(ValueError):
+
+class CodecError(EuphoniumError, ValueError):
     """A codec folder that cannot be loaded; the message names the file."""
 
 

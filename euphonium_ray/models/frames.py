@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from euphonium_ray.errors import EuphoniumError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class FrameSamplingError(ValueError):
+class FrameSamplingError(EuphoniumError, ValueError):
     """A video batch the frame sampler cannot use; the message names the argument and what is wrong."""
 
 

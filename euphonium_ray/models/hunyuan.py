@@ -18,6 +18,7 @@ from euphonium_ray.checkpoint import CheckpointError, read_transformer_weights
 from euphonium_ray.models.base import LatentCodec, TextConditioning
 from euphonium_ray.models.codecs import load_codec
 from euphonium_ray.sde import TimestepArithmetic, network_timestep
+from euphonium_ray.errors import EuphoniumError
 
 EMBEDDED_GUIDANCE = 6018.0  # upstream feeds this constant to the guidance-distilled DiT (≈ 6.0 × 1000)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -26,7 +27,7 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
            "fp16": torch.float16, "float16": torch.float16}
 
 
-class PolicyLoadError(ValueError):
+class PolicyLoadError(EuphoniumError, ValueError):
     """A model folder or checkpoint that cannot be loaded; the message names the path or the keys."""
 
 

@@ -10,16 +10,15 @@ as concurrent requests, which vLLM batches itself.
 vLLM lives in its own environment (``.venv-vllm``, built by ``scripts/vllm_env.sh``: it pins another torch and
 transformers), so the ORM talks to it over HTTP: either a server you run (``rewards.orm.path: http://host:port``,
 what a GPU pool would do) or one it starts itself from a model folder, as a subprocess of ``.venv-vllm`` bound to
-127.0.0.1 on a free port, with the hub and usage reporting switched off. Knobs for a self-started server come from
-the environment: ``EUPHONIUM_VLLM_VENV`` (default ``.venv-vllm``), ``EUPHONIUM_VLLM_ARGS`` (extra ``vllm serve``
-flags, e.g. ``--tensor-parallel-size 2``) and ``EUPHONIUM_VLLM_STARTUP_TIMEOUT`` (seconds, default 900).
+127.0.0.1 on a free port, with the hub and usage reporting switched off. A self-started server's knobs are
+``rewards.orm.vllm``: ``venv`` (default ``.venv-vllm``), ``args`` (extra ``vllm serve`` flags, e.g.
+``[--tensor-parallel-size, "2"]``), ``startup_timeout_s`` (default 900) and ``request_timeout_s``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -35,17 +34,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from euphonium_ray.config import ORMConfig
+from euphonium_ray.config import ORMConfig, VLLMJudgeConfig
 from euphonium_ray.models.frames import check_videos, judge_frames, png_data_url
 from euphonium_ray.models.orm_solireward import DEFAULT_PROMPTS, PromptTemplate
+from euphonium_ray.errors import EuphoniumError
 
-VENV_ENV, ARGS_ENV, TIMEOUT_ENV = "EUPHONIUM_VLLM_VENV", "EUPHONIUM_VLLM_ARGS", "EUPHONIUM_VLLM_STARTUP_TIMEOUT"
-DEFAULT_VENV = ".venv-vllm"
+DEFAULT_STARTUP_TIMEOUT_S = VLLMJudgeConfig().startup_timeout_s
+DEFAULT_VENV = VLLMJudgeConfig().venv
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"  # `vllm serve` without the CLI's version lookup
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
-class VLLMJudgeError(RuntimeError):
+class VLLMJudgeError(EuphoniumError, RuntimeError):
     """The judge server could not be started or answered wrongly; the message names the path, URL or token."""
 
 
@@ -90,7 +90,7 @@ class VLLMServer:
         self.model = Path(model)
         if not (self.model / "config.json").is_file():
             raise VLLMJudgeError(f"judge model folder not found or without config.json: {self.model}")
-        self.venv = Path(venv or os.environ.get(VENV_ENV, DEFAULT_VENV))
+        self.venv = Path(venv or DEFAULT_VENV)
         self.python = self.venv / "bin" / "python"
         if not self.python.is_file():
             raise VLLMJudgeError(f"vLLM environment not found: {self.python} (build it: bash scripts/vllm_env.sh)")
@@ -101,8 +101,8 @@ class VLLMServer:
                      "--limit-mm-per-prompt", json.dumps({"image": max_images})]
         if max_model_len:
             self.args += ["--max-model-len", str(max_model_len)]
-        self.args += list(extra_args if extra_args is not None else shlex.split(os.environ.get(ARGS_ENV, "")))
-        self.startup_timeout = float(startup_timeout or os.environ.get(TIMEOUT_ENV, 900))
+        self.args += list(extra_args or [])
+        self.startup_timeout = float(startup_timeout or DEFAULT_STARTUP_TIMEOUT_S)
         self._own_log = log_path is None  # a log we made is removed after a clean stop, kept after a failure
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="vllm-judge-", suffix=".log")
@@ -300,11 +300,12 @@ class VLLMJudgeORM:
         else:
             if not cfg.path:
                 raise VLLMJudgeError("rewards.orm.path is empty: give the judge's model folder or its server URL")
-            server = VLLMServer(cfg.path, dtype="bfloat16" if cfg.dtype == "bf16" else "float32",
-                                max_model_len=max_model_len, max_images=cfg.num_frames)
+            server = VLLMServer(cfg.path, venv=cfg.vllm.venv, dtype="bfloat16" if cfg.dtype == "bf16" else "float32",
+                                max_model_len=max_model_len, max_images=cfg.num_frames, extra_args=cfg.vllm.args,
+                                startup_timeout=cfg.vllm.startup_timeout_s)
             base_url = server.start()
         try:
-            return cls(VLLMJudgeClient(base_url), prompt=DEFAULT_PROMPTS[cfg.prompt_variant],
+            return cls(VLLMJudgeClient(base_url, timeout=cfg.vllm.request_timeout_s), prompt=DEFAULT_PROMPTS[cfg.prompt_variant],
                        num_frames=cfg.num_frames, image_size=cfg.image_size, server=server)
         except BaseException:
             if server is not None:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.sde import compute_dtype, network_timestep
+from euphonium_ray.errors import EuphoniumError
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LatentPRM", "PRMLoadError", "AttentionPool"]
 
@@ -37,7 +38,7 @@ WEIGHTS_NAME = "model.safetensors"
 _CLASS_NAME = "LatentPRM"
 
 
-class PRMLoadError(ValueError):
+class PRMLoadError(EuphoniumError, ValueError):
     """A PRM folder that cannot be loaded; the message names the folder, file or keys at fault."""
 
 

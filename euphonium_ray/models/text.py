@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from euphonium_ray.errors import EuphoniumError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -37,7 +38,7 @@ HIDDEN_LAYERS_TO_SKIP = 2  # upstream: hidden_states[-3]
 TEXT_SUBFOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(EuphoniumError, ValueError):
     """A text-encoder folder or template that cannot be used; the message names the path or the problem."""
 
 

@@ -23,6 +23,7 @@ from euphonium_ray.data import heldout_split, write_subset_index
 from euphonium_ray.toy.codec import PixelUnshuffleCodec
 from euphonium_ray.toy.data import ShapesWorld
 from euphonium_ray.toy.vocab import vocabulary
+from euphonium_ray.errors import EuphoniumError
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "toy-model"
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -35,7 +36,7 @@ TEXT_FIELDS = ("shapes", "colors", "directions", "text_dim", "pooled_dim", "text
 TRANSFORMER_FIELDS = tuple(f for f in ToyConfig.model_fields if not f.startswith("pretrain_"))
 
 
-class ToyBuildError(ValueError):
+class ToyBuildError(EuphoniumError, ValueError):
     """The toy folder cannot be built as asked; the message says which file or config field is at fault."""
 
 

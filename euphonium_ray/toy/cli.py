@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import importlib.util
 from pathlib import Path
 
 from euphonium_ray.config import ConfigError, RunConfig, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+
+
+def _configs_folder() -> Path:
+    """``configs/``: the checkout's top-level folder, or the wheel's ``euphonium_ray/configs``."""
+    spec = importlib.util.find_spec("euphonium_ray.configs")
+    assert spec is not None and spec.submodule_search_locations, "euphonium_ray.configs is not installed"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+DEFAULT_CONFIG = _configs_folder() / "toy.yaml"
 
 
 def _config(args: argparse.Namespace) -> RunConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
+from euphonium_ray.errors import EuphoniumError
 
 # RGB in [-1, 1]. Every colour has at least one channel at +1, so on the black background the largest channel
 # of a pixel measures how much of the shape covers it (the ORM relies on that).
@@ -35,7 +36,7 @@ CAPTION_FORMAT = "a {color} {shape} moving {direction}"
 FIXED_WORDS: tuple[str, ...] = ("a", "moving")
 
 
-class CaptionError(ValueError):
+class CaptionError(EuphoniumError, ValueError):
     """A caption the toy world cannot read; the message names the offending word and the allowed ones."""
 
 
