@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from euphonium_ray.config import ConfigError, RunConfig, load_config
 from euphonium_ray.learning import compute_advantages
+from euphonium_ray.actor_failure import actor_failure_line
 from euphonium_ray.ray_output import send_worker_output_to
 
 __all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
@@ -191,6 +192,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     from euphonium_ray.sampling import prompts_for_step
     from euphonium_ray.checkpoint import CheckpointError, read_state, resolve_checkpoint
     from euphonium_ray.metrics import RayMetrics, StepRecorder
+    from euphonium_ray.preflight import check_run_files
+    from euphonium_ray.reward_failures import NoTrainableGroupGuard
     from euphonium_ray.run_logging import RunLogger
 
     cfg = resolve_paths(cfg)
@@ -206,6 +209,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             raise RunError(f"--resume {resume}: {exc}") from None
         if start >= cfg.steps:
             raise RunError(f"checkpoint {resume_path} is at step {start}, not before steps={cfg.steps}")
+    check_run_files(cfg, resume_path)  # before anything is written or started: one line per bad file
     try:
         logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
                            progress=progress)
@@ -232,6 +236,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
         logger.close()
         raise
     recorder = StepRecorder(cfg, logger, metrics, backend)
+    no_signal = NoTrainableGroupGuard(cfg.rewards.max_failed_steps, str(logger.logs / "train.log"))
     n_prompts = len(dataset)
     eval_prompts = list(range(min(cfg.output.eval_count, len(eval_set))))
 
@@ -257,6 +262,9 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             t0 = time.perf_counter()
             adv = compute_advantages(batch.traj, batch.orm, batch.latent, cfg)
             batch.timings["advantage"] = time.perf_counter() - t0
+            for note in system.orm_pool.gather("take_failure_notes"):  # scorer errors, one line per video
+                logger.warning(note)
+            no_signal.check(step, adv)  # stops after rewards.max_failed_steps steps without a trainable group
             t0 = time.perf_counter()
             system.submit_learning(step, batch.traj.select(adv.kept_rows), adv.terms)
             upcoming = None
@@ -302,9 +310,17 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from euphonium_ray.models.codecs import CodecError
     from euphonium_ray.models.hunyuan import PolicyLoadError
     from euphonium_ray.models.prm import PRMLoadError
+    from euphonium_ray.preflight import PreflightError
+    from euphonium_ray.reward_failures import NoTrainableGroupError
 
     return (ClusterResourceError, RoleStartError, StaleWeightsError, CheckpointError, DataError, CodecError,
-            PolicyLoadError, PRMLoadError)
+            PolicyLoadError, PRMLoadError, PreflightError, NoTrainableGroupError)
+
+
+def _print_error(exc: BaseException) -> None:
+    """``error: <line>`` for each line of the message (a preflight lists one problem per line)."""
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        print(f"error: {line}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
@@ -321,11 +337,15 @@ def main(argv: list[str]) -> int:
         progress = not args.no_progress and sys.stderr.isatty()
         train(cfg, resume=args.resume, address=args.address, progress=progress)  # logs its own summary
     except (ConfigError, RunError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 2
-    except Exception as exc:  # one readable line for known input errors, a traceback otherwise
+    except Exception as exc:  # one readable line for known input errors and actors' failures, a traceback otherwise
         if isinstance(exc, _input_errors()):
-            print(f"error: {exc}", file=sys.stderr)
+            _print_error(exc)
             return 2
-        raise
+        failure = actor_failure_line(exc, Path(resolve_paths(cfg).output.dir) / "logs" / "train.log")
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
