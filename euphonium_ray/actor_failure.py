@@ -10,6 +10,7 @@ An exception raised inside a Ray actor reaches the driver wrapped: ``RayTaskErro
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 from pathlib import Path
@@ -55,15 +56,25 @@ def root_error(exc: BaseException) -> BaseException:
 
 
 def _where(exc: BaseException) -> str:
-    """Which actor method failed, from the outermost Ray task error (``RolloutWorker.sample``), else the learner."""
+    """Which actor method failed (``ORMScorer.score_latents``), from the outermost Ray error; the learner when Ray
+    Train or the learner's mailbox reports it."""
     import ray.exceptions
+    from ray.train import TrainingFailedError
 
+    learner = "the learner (Ray Train)"
     for e in _chain(exc):
-        if isinstance(e, ray.exceptions.RayTaskError) and getattr(e, "function_name", None):
-            return ".".join(e.function_name.split(".")[-2:])
+        if isinstance(e, TrainingFailedError):
+            return learner
+        if isinstance(e, ray.exceptions.RayTaskError):
+            # the error Ray raises is a copy typed as the cause too, without function_name; its text starts with
+            # the worker's process title, "ray::ORMScorer.score_latents()"
+            named = getattr(e, "function_name", None) or next(iter(re.findall(r"ray::([\w.]+)\(", str(e))), None)
+            if named:
+                method = ".".join(named.split(".")[-2:])
+                return learner if method.startswith("LearnerHub.") else method
         if isinstance(e, ray.exceptions.RayActorError):
             return "a Ray actor"
-    return "the learner (Ray Train)"
+    return learner
 
 
 def _first_line(exc: BaseException) -> str:

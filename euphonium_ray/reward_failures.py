@@ -27,42 +27,63 @@ def score_isolating_failures(score: ScoreFn, videos: Tensor, captions: Sequence[
     ``on_failure(index, caption, exception)``. A batch that scores in one call costs one call."""
     captions = list(captions)
     try:
-        return score(videos, captions).float().cpu().reshape(-1)
+        got = score(videos, captions)
     except Exception as exc:  # noqa: BLE001 - which video is at fault is found below, one at a time
         if videos.shape[0] == 1:  # a batch of one: its failure is the video's
             on_failure(0, captions[0], exc)
             return torch.full((1,), float("nan"))
-    return torch.stack([_score_one(score, videos[i:i + 1], captions[i:i + 1], i, on_failure)
-                        for i in range(videos.shape[0])])
+        return torch.stack([_score_one(score, videos[i:i + 1], captions[i:i + 1], i, on_failure)
+                            for i in range(videos.shape[0])])
+    return _one_per_video(got, videos.shape[0])
+
+
+def _one_per_video(scores: Tensor, count: int) -> Tensor:
+    """A scorer that returns another number of scores than it got videos is broken, not failing on a video."""
+    flat = torch.as_tensor(scores).float().cpu().reshape(-1)
+    if flat.numel() != count:
+        raise ValueError(f"the outcome reward returned {flat.numel()} scores for {count} videos")
+    return flat
 
 
 def _score_one(score: ScoreFn, video: Tensor, caption: list[str], index: int, on_failure: OnFailure) -> Tensor:
     try:
-        return score(video, caption).float().cpu().reshape(-1)[0]
+        got = score(video, caption)
     except Exception as exc:  # noqa: BLE001 - the scorer's own error, reported with the video it failed on
         on_failure(index, caption[0], exc)
         return torch.tensor(float("nan"))
+    return _one_per_video(got, 1)[0]
 
 
 class FailureNotes:
-    """The ``on_failure`` of a scorer actor: counts failures, logs each as a warning and keeps one line per failure
-    until ``take`` hands them to the driver."""
+    """The ``on_failure`` of a scorer actor: counts failures, logs each as a warning, and keeps them until ``take``
+    hands them to the driver as one line per distinct error (naming the videos' captions), so a scorer that fails
+    on every video of a step says so once, not once per video."""
 
     def __init__(self, who: str, log: logging.Logger) -> None:
         self.who, self.log = who, log
         self.count = 0
-        self.notes: list[str] = []
+        self.failed: list[tuple[str, str]] = []  # (caption, "Type: first line of the message")
 
     def __call__(self, index: int, caption: str, exc: BaseException) -> None:
         self.count += 1
-        error = (str(exc).strip().splitlines() or [""])[-1]
-        note = f"{self.who} failed on the video of {caption!r} ({type(exc).__name__}: {error}); its reward is NaN"
-        self.notes.append(note)
-        self.log.warning(note)
+        error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        self.failed.append((caption, error))
+        self.log.warning("%s failed on the video of %r (%s); its reward is NaN", self.who, caption, error)
 
     def take(self) -> list[str]:
-        notes, self.notes = self.notes, []
-        return notes
+        by_error: dict[str, list[str]] = {}
+        for caption, error in self.failed:
+            by_error.setdefault(error, []).append(caption)
+        self.failed = []
+        lines = []
+        for error, captions in by_error.items():
+            shown = ", ".join(repr(c) for c in captions[:3]) + (f" and {len(captions) - 3} more" if len(captions) > 3
+                                                                else "")
+            if len(captions) == 1:
+                lines.append(f"{self.who} failed on the video of {shown}: {error}; its reward is NaN")
+            else:
+                lines.append(f"{self.who} failed on {len(captions)} videos ({shown}): {error}; their rewards are NaN")
+        return lines
 
 
 class NoTrainableGroupError(RuntimeError):
