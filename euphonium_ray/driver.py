@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+from euphonium_ray.actor_failure import actor_failure_line
 from euphonium_ray.config import ConfigError, RunConfig, load_config
 from euphonium_ray.learning import compute_advantages
-from euphonium_ray.actor_failure import actor_failure_line
 from euphonium_ray.ray_output import send_worker_output_to
 
 __all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
@@ -262,7 +262,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             t0 = time.perf_counter()
             adv = compute_advantages(batch.traj, batch.orm, batch.latent, cfg)
             batch.timings["advantage"] = time.perf_counter() - t0
-            for note in system.orm_pool.gather("take_failure_notes"):  # scorer errors, one line per video
+            for note in system.orm_pool.gather("take_failure_notes"):  # scorer errors, one line per distinct error
                 logger.warning(note)
             no_signal.check(step, adv)  # stops after rewards.max_failed_steps steps without a trainable group
             t0 = time.perf_counter()
@@ -332,6 +332,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     parser.add_argument("--no-env", action="store_true", help="ignore upstream environment variables")
     args = parser.parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.set, use_env=not args.no_env)
         progress = not args.no_progress and sys.stderr.isatty()
@@ -343,7 +344,8 @@ def main(argv: list[str]) -> int:
         if isinstance(exc, _input_errors()):
             _print_error(exc)
             return 2
-        failure = actor_failure_line(exc, Path(resolve_paths(cfg).output.dir) / "logs" / "train.log")
+        failure = None if cfg is None else actor_failure_line(exc, Path(resolve_paths(cfg).output.dir) / "logs" /
+                                                                  "train.log")
         if failure is None:
             raise
         print(f"error: {failure}", file=sys.stderr)

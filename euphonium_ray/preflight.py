@@ -88,15 +88,16 @@ def _policy_expectations(cfg: RunConfig, problems: list[str]) -> _Model:
     expected = _expected(lambda: family.expected_weights(config), config_file, problems) \
         if hasattr(family, "expected_weights") else None
     model = _Model(config, expected, family)
-    _check_transformer_weights(root / "transformer", model, "model.path", problems, exact=False)
+    _check_transformer_weights(root / "transformer", model, "model.path", problems, exact=False,
+                               against="its config.json (a missing tensor would be initialised at random)")
     vae = root / "vae"
     if vae.is_dir():
         _check_weights_folder(vae, "model.path", problems)
     return model
 
 
-def _check_transformer_weights(location: Path, model: _Model, key: str, problems: list[str], *,
-                               exact: bool = True) -> None:
+def _check_transformer_weights(location: Path, model: _Model, key: str, problems: list[str], *, exact: bool = True,
+                               against: str = "the transformer of model.path") -> None:
     """A transformer given as a file, a diffusers folder (single file or sharded) or a folder holding
     ``transformer/``; ``exact``: the key set must equal the model's (a checkpoint loaded strictly), else only
     missing keys and wrong shapes count (diffusers ignores extra tensors in a base model)."""
@@ -110,8 +111,7 @@ def _check_transformer_weights(location: Path, model: _Model, key: str, problems
         return  # named by the loader's own check
     found = _read_weights(location, key, problems)
     if found is not None and model.weights is not None:
-        _compare(found, model.weights, _weights_file(location), key, "the transformer of model.path", problems,
-                 exact=exact)
+        _compare(found, model.weights, _weights_file(location), key, against, problems, exact=exact)
 
 
 def _has_weights(folder: Path) -> bool:

@@ -165,6 +165,16 @@ def test_a_model_checkpoint_with_an_extra_or_missing_key_is_one_line(files, tmp_
     assert err == [f"error: {ckpt / WEIGHTS} does not match the transformer of model.path (model.checkpoint): {said}"]
 
 
+def test_a_base_model_missing_a_tensor_is_one_line_where_diffusers_would_initialise_it_at_random(files, tmp_path,
+                                                                                                    capsys):
+    model = _copy(files["model"], tmp_path / "model")
+    _rewrite(model / "transformer" / WEIGHTS, lambda s: s.pop("proj_out.bias"))
+    code, err = _train(files, tmp_path, capsys, f"model.path={model}")
+    assert code == 2
+    assert err == [f"error: {model / 'transformer' / WEIGHTS} does not match its config.json (a missing tensor would "
+                   "be initialised at random) (model.path): missing 1 key(s): proj_out.bias"]
+
+
 def test_a_resume_folder_with_an_extra_key_is_one_line(files, tmp_path, capsys):
     step = _copy(files["full"], tmp_path / "run-before" / "checkpoints" / "step-2")
     _rewrite(step / "transformer" / WEIGHTS, lambda s: s.update({"extra_head.weight": torch.zeros(3)}))
