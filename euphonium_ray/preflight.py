@@ -109,9 +109,11 @@ def _check_transformer_weights(location: Path, model: _Model, key: str, problems
         return
     if not location.exists():
         return  # named by the loader's own check
-    found = _read_weights(location, key, problems)
+    file = _weights_file(location)
+    found = _read_sharded(file, key, problems) if file.name.endswith(".index.json") else \
+        _read_weights(file, key, problems)
     if found is not None and model.weights is not None:
-        _compare(found, model.weights, _weights_file(location), key, against, problems, exact=exact)
+        _compare(found, model.weights, file, key, against, problems, exact=exact)
 
 
 def _has_weights(folder: Path) -> bool:
@@ -214,24 +216,14 @@ def _expected(build: Callable[[], Shapes], config_file: Path, problems: list[str
         return None
 
 
-def _read_weights(location: Path, key: str, problems: list[str]) -> Shapes | None:
-    """Names and shapes in one safetensors file, or a sharded folder's index and shards; None after a problem."""
-    if location.is_file():
-        try:
-            header = read_header(location)
-        except HeaderError as exc:
-            problems.append(f"{exc} ({key})")
-            return None
-        return {name: shape for name, (_, shape) in header.tensors.items()}
-    index = next(iter(sorted(location.glob("*.safetensors.index.json"))), None)
-    if index is not None:
-        return _read_sharded(index, key, problems)
-    files = sorted(location.glob("*.safetensors"))
-    if len(files) == 1:
-        return _read_weights(files[0], key, problems)
-    for file in files:
-        _read_weights(file, key, problems)
-    return None
+def _read_weights(file: Path, key: str, problems: list[str]) -> Shapes | None:
+    """Names and shapes in one safetensors file; None after a problem."""
+    try:
+        header = read_header(file)
+    except HeaderError as exc:
+        problems.append(f"{exc} ({key})")
+        return None
+    return {name: shape for name, (_, shape) in header.tensors.items()}
 
 
 def _read_sharded(index: Path, key: str, problems: list[str]) -> Shapes | None:

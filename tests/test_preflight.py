@@ -175,6 +175,26 @@ def test_a_base_model_missing_a_tensor_is_one_line_where_diffusers_would_initial
                    "be initialised at random) (model.path): missing 1 key(s): proj_out.bias"]
 
 
+def test_a_sharded_checkpoint_passes_whole_and_a_tensor_its_index_places_in_a_shard_that_lacks_it_is_named(files,
+                                                                                                             tmp_path):
+    state = load_file(str(files["full"] / "transformer" / WEIGHTS))
+    names = sorted(state)
+    ckpt = tmp_path / "sharded"
+    ckpt.mkdir()
+    shutil.copy(files["full"] / "transformer" / "config.json", ckpt / "config.json")
+    shards = {"part-1.safetensors": names[: len(names) // 2], "part-2.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(ckpt / shard))
+    index = ckpt / f"{WEIGHTS}.index.json"
+    index.write_text(json.dumps({"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    out = tmp_path / "run"
+    assert run_file_problems(_config(files, out, f"model.checkpoint={ckpt}")) == []
+    dropped = shards["part-2.safetensors"][0]
+    save_file({k: state[k] for k in shards["part-2.safetensors"][1:]}, str(ckpt / "part-2.safetensors"))
+    assert run_file_problems(_config(files, out, f"model.checkpoint={ckpt}")) == [
+        f"{ckpt / 'part-2.safetensors'} lacks {dropped}, which {index.name} places in it (model.checkpoint)"]
+
+
 def test_a_resume_folder_with_an_extra_key_is_one_line(files, tmp_path, capsys):
     step = _copy(files["full"], tmp_path / "run-before" / "checkpoints" / "step-2")
     _rewrite(step / "transformer" / WEIGHTS, lambda s: s.update({"extra_head.weight": torch.zeros(3)}))
