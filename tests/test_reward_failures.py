@@ -61,6 +61,13 @@ class OneScoreShort:
 ORMS.register("fails-on-one-caption", lambda cfg, device: FailsOnOneCaption(caption_reward(cfg, device)))
 ORMS.register("always-fails", lambda cfg, device: AlwaysFails())
 ORMS.register("one-score-short", lambda cfg, device: OneScoreShort(caption_reward(cfg, device)))
+
+
+def cannot_build(cfg, device):
+    raise RuntimeError("no licence for this judge")
+
+
+ORMS.register("cannot-build", cannot_build)
 '''
 
 
@@ -199,3 +206,21 @@ def test_a_learner_that_fails_in_ray_train_is_one_line_naming_the_learner_and_it
                        f"the optimizer has 1 (traceback: {log})")
     assert not any("Traceback" in line for line in err)
     assert "ray.train.WorkerGroupError" in log.read_text()
+
+
+@pytest.mark.slow
+def test_an_actor_that_cannot_start_is_one_line_and_the_raylet_traceback_goes_to_ray_log(world, plugin_ray, tmp_path,
+                                                                                          capsys):
+    """An outcome reward whose factory raises: the ORM actor's constructor fails, Ray retries ``ready`` and its
+    raylet prints the traceback with each retry; the console keeps the driver's one line only."""
+    from euphonium_ray.driver import main
+
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    _config(world, out, "rewards.orm.backend=cannot-build", "steps=2").save(config)
+    assert main(["--config", str(config), "--no-env", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err[-1] == "error: ORM actor 0 could not start: RuntimeError: no licence for this judge"
+    assert "Traceback" not in captured.err + captured.out
+    assert "RuntimeError: no licence for this judge" in (out / "logs" / "ray.log").read_text()
