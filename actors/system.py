@@ -209,14 +209,16 @@ class TrainingSystem:
         return [self._call(i, "param_digest") for i in range(len(self.rollout_workers))]
 
     def close(self) -> None:
-        if self.learner is not None:
-            try:
-                self.learner.close()
-            finally:
-                self.learner = None
-        if self.roles is not None:
-            self.roles.shutdown()
-            self.roles = None
+        try:
+            if self.learner is not None:
+                try:
+                    self.learner.close()
+                finally:
+                    self.learner = None
+        finally:  # a failed learner re-raises its error here; the roles' actors and placement groups go regardless
+            if self.roles is not None:
+                self.roles.shutdown()
+                self.roles = None
 
 
 def needs_latent_scores(cfg: RunConfig) -> bool:
