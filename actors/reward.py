@@ -25,6 +25,7 @@ from torch import Tensor
 from euphonium_ray.actors.common import actor_device, config_from, memory_report, release_cached_memory, set_threads
 from euphonium_ray.roles import build_orm, load_codec_for, load_prm
 from euphonium_ray.models.base import TextConditioning
+from euphonium_ray.reward_failures import FailureNotes, score_isolating_failures
 
 __all__ = ["ORMScorer", "PRMScorer", "ScorerPool"]
 
@@ -86,6 +87,7 @@ class ORMScorer:
         self.codec = load_codec_for(self.cfg, self.device)
         self.orm = build_orm(self.cfg, self.device)
         self.failures = 0
+        self.scorer_failures = FailureNotes("ORM scorer", log)
         self.load_seconds = time.perf_counter() - t0
 
     def ready(self) -> dict[str, Any]:
@@ -111,14 +113,14 @@ class ORMScorer:
         for bad in (~finite).nonzero().flatten().tolist():
             self.failures += 1
             log.warning("ORM: video %d (%r) has non-finite pixels; its reward is NaN", bad, captions[bad])
-        if rows.numel():
-            try:
-                got = self.orm.score(videos[rows].to(self.device), [captions[i] for i in rows.tolist()])
-                scores[rows] = got.float().cpu().reshape(-1)
-            except Exception as exc:  # noqa: BLE001 - a scorer failure must not lose the step
-                self.failures += int(rows.numel())
-                log.warning("ORM: scorer failed on %d videos (%r); their rewards are NaN", int(rows.numel()), exc)
+        if rows.numel():  # a scorer exception costs the video it failed on, not the batch
+            scores[rows] = score_isolating_failures(self.orm.score, videos[rows].to(self.device),
+                                                    [captions[i] for i in rows.tolist()], self.scorer_failures)
         return scores
+
+    def take_failure_notes(self) -> list[str]:
+        """The scorer failures since the last call, one line each (the driver logs them)."""
+        return self.scorer_failures.take()
 
     def score_latents(self, latents: Tensor, captions: list[str]) -> Tensor:
         """Decode then score; latents (B, C, T, h, w) in the DiT's latent space."""
@@ -127,7 +129,7 @@ class ORMScorer:
         return scores
 
     def failure_count(self) -> int:
-        return self.failures
+        return self.failures + self.scorer_failures.count
 
     def close(self) -> None:
         """Release what the scorer started outside this process (the vLLM judge's server): a killed actor could
@@ -184,6 +186,10 @@ class ScorerPool:
             finally:
                 self._inflight[i] -= 1
         raise AssertionError("unreachable")
+
+    def gather(self, method: str) -> list[Any]:
+        """Call ``method`` (no arguments, returning a list) on every actor; their lists joined in actor order."""
+        return [item for part in ray.get([getattr(a, method).remote() for a in self.actors]) for item in part]
 
     def map_rows(self, method: str, *row_args: Any, chunk: int | None = None) -> Tensor:
         """Split per-row arguments (tensors, lists, or dicts of tensors, all B rows) into chunks over the

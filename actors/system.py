@@ -225,12 +225,14 @@ class TrainingSystem:
         return [self._call(i, "param_digest") for i in range(len(self.rollout_workers))]
 
     def close(self) -> None:
-        if self.learner is not None:
-            try:
-                self.learner.close(self.cfg.cluster.timeouts.shutdown_s)
-            finally:
-                self.learner = None
-        if self.roles is not None:
-            self.roles.shutdown(self.cfg.cluster.timeouts.shutdown_s)
-            self.roles = None
+        try:
+            if self.learner is not None:
+                try:
+                    self.learner.close(self.cfg.cluster.timeouts.shutdown_s)
+                finally:
+                    self.learner = None
+        finally:  # a failed learner re-raises its error here; the roles' actors and placement groups go regardless
+            if self.roles is not None:
+                self.roles.shutdown(self.cfg.cluster.timeouts.shutdown_s)
+                self.roles = None
 

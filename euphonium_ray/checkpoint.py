@@ -307,23 +307,10 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def _safetensors_problem(file: Path) -> str | None:
-    """Why a safetensors file is unreadable, from its header alone (no tensor is loaded): the file must be exactly
-    8 bytes + the header + the data the header describes, so a truncated or padded file is caught."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
-            prefix = fh.read(8)
-            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if not 0 < length <= size - 8:
-                return f"{file} is truncated ({size} bytes, shorter than its header)"
-            header = json.loads(fh.read(length))
-        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        return f"{file} has no readable safetensors header ({type(exc).__name__}: {exc})"
-    expected = 8 + length + max(ends, default=0)
-    if size != expected:
-        return f"{file} is {size} bytes but its header describes {expected} (truncated or overwritten)"
-    return None
+    """Why a safetensors file is unreadable, from its header alone (``safetensors_header``: no tensor is loaded)."""
+    from euphonium_ray.safetensors_header import safetensors_problem
+
+    return safetensors_problem(file)
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:

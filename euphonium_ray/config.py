@@ -199,6 +199,8 @@ class RewardsConfig(Section):
     prm: PRMConfig = PRMConfig()
     latent_outcome: bool = True  # PRM score of the final x̂0 at t=0, an extra advantage term
     latent_outcome_coef_in_score: float = 0.0  # upstream LATENT_REWARD_IN_TRL_REWARD_COEF
+    # stop the run after this many consecutive steps in which every group had a non-finite reward (nothing trains)
+    max_failed_steps: int = Field(default=3, ge=1)
 
 
 class AdvantageConfig(Section):
@@ -387,6 +389,14 @@ class RunConfig(Section):
                 raise ValueError(f"{name}.end={win.end} must be greater than {name}.start={win.start}")
             if win.end is not None and win.end > n:
                 raise ValueError(f"{name}.end={win.end} is past sampler.num_steps={n}")
+        return self
+
+    @model_validator(mode="after")
+    def _groups_can_compare(self) -> "RunConfig":
+        if self.sampler.group_size < 2:
+            raise ValueError(f"sampler.group_size={self.sampler.group_size}: GRPO learns from the differences "
+                             "between the samples of a group, so a group of one has zero advantage and trains "
+                             "nothing; use 2 or more")
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+from euphonium_ray.actor_failure import actor_failure_line
 from euphonium_ray.config import RunConfig, load_config
 from euphonium_ray.errors import EuphoniumError, RunError
 from euphonium_ray.ray_output import send_worker_output_to
@@ -246,6 +247,8 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     from euphonium_ray.sampling import prompts_for_step
     from euphonium_ray.checkpoint import CheckpointError, read_state, resolve_checkpoint
     from euphonium_ray.metrics import RayMetrics, StepRecorder
+    from euphonium_ray.preflight import check_run_files
+    from euphonium_ray.reward_failures import NoTrainableGroupGuard
     from euphonium_ray.run_logging import RunLogger
 
     cfg = resolve_paths(cfg)
@@ -261,6 +264,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             raise RunError(f"--resume {resume}: {exc}") from None
         if start >= cfg.steps:
             raise RunError(f"checkpoint {resume_path} is at step {start}, not before steps={cfg.steps}")
+    check_run_files(cfg, resume_path)  # before anything is written or started: one line per bad file
     try:
         logger = RunLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.output.tensorboard,
                            progress=progress)
@@ -287,6 +291,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
         logger.close()
         raise
     recorder = StepRecorder(cfg, logger, metrics, backend)
+    no_signal = NoTrainableGroupGuard(cfg.rewards.max_failed_steps, str(logger.logs / "train.log"))
     n_prompts = len(dataset)
     eval_prompts = list(range(min(cfg.output.eval_count, len(eval_set))))
 
@@ -299,7 +304,10 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
     def collect(step: int, version: int) -> Any:
         """prompts -> rollouts (sampled with weight ``version``) -> rewards, for ``step``."""
         prompts = prompts_for_step(step, n_prompts, cfg.data.prompts_per_step, cfg.data.shuffle_seed)
-        return system.score(system.rollout(step, version, prompts))
+        batch = system.score(system.rollout(step, version, prompts))
+        for note in system.orm_pool.gather("take_failure_notes"):  # scorer errors, one line per distinct error
+            logger.warning(note)
+        return batch
 
     log = StepLog(cfg, system, recorder, hook, evaluate_orm)
     feed = BatchFeed(collect, ahead=cfg.cluster.mode == "async", end=cfg.steps)
@@ -309,6 +317,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             log.begin(step)
             batch = feed.take(step)  # sync: sampled now with weights `step`; async: during the last step's learning
             adv = log.timed("advantage", advantages, batch.traj, batch.rewards, cfg)
+            no_signal.check(step, adv)  # stops after rewards.max_failed_steps steps without a trainable group
             system.learn(step, learning_batch(batch.traj, adv))
             feed.prefetch(step + 1)  # async: the next step's rollouts run while the learner learns this one
             stats = system.learned(step)
@@ -329,6 +338,12 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
 
 
 # ---------------------------------------------------------------------------------------------------- cli
+def _print_error(exc: BaseException) -> None:
+    """``error: <line>`` for each line of the message (a preflight lists one problem per line)."""
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        print(f"error: {line}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="euphonium-ray train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="run config YAML (e.g. configs/toy.yaml)")
@@ -338,11 +353,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     parser.add_argument("--no-env", action="store_true", help="ignore upstream environment variables")
     args = parser.parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.set, use_env=not args.no_env)
         progress = not args.no_progress and sys.stderr.isatty()
         train(cfg, resume=args.resume, address=args.address, progress=progress)  # logs its own summary
-    except EuphoniumError as exc:  # bad input or a run that cannot go on: one line naming what and where
-        print(f"error: {exc}", file=sys.stderr)
+    except EuphoniumError as exc:  # bad input or a run that cannot go on: one line per problem
+        _print_error(exc)
         return 2
+    except Exception as exc:  # an actor's failure: its root error in one line, the traceback in the log file
+        failure = None if cfg is None else actor_failure_line(exc, Path(resolve_paths(cfg).output.dir) / "logs" /
+                                                                  "train.log")
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0

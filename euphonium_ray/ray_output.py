@@ -3,9 +3,9 @@
 Ray echoes every actor's stdout/stderr on the driver's terminal: Ray Train prints one ``Reporting training
 result ...`` line (a dict of metrics) per step, its controller narrates worker-group start-up, and with the
 dashboard off its PlacementGroupCleaner prints a traceback each time it cannot query actor state. None of it is
-ours to act on, and it buries the progress bar. Actor failures still reach the driver as exceptions, and the
-raylet's and autoscaler's notices (a worker killed for memory, a request that cannot be scheduled) stay on the
-console.
+ours to act on, and it buries the progress bar. Actor failures still reach the driver as exceptions (which it
+says in one line), and the raylet's and autoscaler's notices (a worker killed for memory, a request that cannot be
+scheduled) stay on the console, except those that carry an actor's traceback, which go to the log.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = ["send_worker_output_to"]
 RAY_CONSOLE_HANDLER = "ray_print_logs"  # the name Ray registers its console printer under (ray._private.worker)
 OWN_HANDLER = "euphonium_run_log"
 KEEP_ON_CONSOLE = ("raylet", "autoscaler")
+TRACEBACK_START = "Traceback (most recent call last)"
 
 
 def send_worker_output_to(path: str | Path) -> Callable[[], None]:
@@ -39,7 +40,7 @@ def send_worker_output_to(path: str | Path) -> Callable[[], None]:
     lock = threading.Lock()
 
     def route(data: dict[str, Any]) -> None:
-        if data.get("pid") in KEEP_ON_CONSOLE:
+        if data.get("pid") in KEEP_ON_CONSOLE and not _carries_traceback(data):
             for handler in console:
                 handler(data)
             return
@@ -53,8 +54,10 @@ def send_worker_output_to(path: str | Path) -> Callable[[], None]:
 
     dispatcher.remove_handler(RAY_CONSOLE_HANDLER)
     dispatcher.add_handler(OWN_HANDLER, route)
+    unhook_errors = _send_error_tracebacks_to(route)
 
     def restore() -> None:
+        unhook_errors()
         dispatcher.remove_handler(OWN_HANDLER)
         if not any(name == RAY_CONSOLE_HANDLER for name, _ in dispatcher.handlers) and _still_connected():
             for handler in console:
@@ -63,6 +66,40 @@ def send_worker_output_to(path: str | Path) -> Callable[[], None]:
             sink.close()
 
     return restore
+
+
+def _send_error_tracebacks_to(route: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+    """The raylet's error notices reach the console another way than worker output: the driver's error listener
+    thread prints them with ``ray._private.worker.print_to_stdstream``. Those that carry a traceback are routed like
+    worker output; the rest print as before. Returns the function that undoes it."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return lambda: None
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None:
+        return lambda: None
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if _carries_traceback(data):
+            route(data)
+        else:
+            original(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+    def undo() -> None:
+        if ray_worker.print_to_stdstream is print_to_stdstream:
+            ray_worker.print_to_stdstream = original
+
+    return undo
+
+
+def _carries_traceback(data: dict[str, Any]) -> bool:
+    """A raylet notice with an actor's Python traceback in it ("Task X.ready failed. There are 2 retries remaining
+    ... Error: Traceback ..."): the driver reports that failure itself in one line, so the traceback goes to the
+    log with the rest."""
+    return any(TRACEBACK_START in line for line in data.get("lines", []))
 
 
 def _still_connected() -> bool:

@@ -58,7 +58,7 @@ class _RayRunLogger:
     def _evaluate(self, system: Any, version: int) -> None:
         import time
 
-        from actors.weights import make_weight_sync
+        from euphonium_ray.actors.weights import make_weight_sync
 
         t0 = time.perf_counter()
         if self.sync is None:

@@ -154,6 +154,24 @@ class HunyuanVideoPolicy:
             timestep_arithmetic=timestep_arithmetic,
         )
 
+    transformer_class_name = "HunyuanVideoTransformer3DModel"  # the ``_class_name`` its transformer/config.json names
+
+    @classmethod
+    def expected_weights(cls, transformer_config: dict[str, Any], *, lora_rank: int | None = None,
+                         lora_alpha: float = 16.0) -> dict[str, tuple[int, ...]]:
+        """Tensor names and shapes a transformer weights file must hold for this config (with ``lora_rank``: those
+        of the LoRA adapter file ``save_pretrained`` writes), from the model built on the meta device: nothing is
+        allocated or read, so the check before a run costs milliseconds even at full size."""
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+        with torch.device("meta"):
+            transformer = HunyuanVideoTransformer3DModel.from_config(config)
+            if lora_rank is None:
+                return {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+            add_lora(transformer, rank=lora_rank, alpha=lora_alpha)
+        return {_saved_adapter_name(n): tuple(p.shape) for n, p in transformer.named_parameters() if "lora_" in n}
+
     # ------------------------------------------------------------------------------------------ forward
     @property
     def config(self) -> Any:
@@ -303,6 +321,12 @@ def _peft_param_name(saved_key: str) -> str:
     """``x.to_q.lora_A.weight`` (saved adapter) → ``x.to_q.lora_A.default.weight`` (live parameter)."""
     head, _, leaf = saved_key.rpartition(".")
     return f"{head}.default.{leaf}"
+
+
+def _saved_adapter_name(live_name: str) -> str:
+    """The inverse of ``_peft_param_name``: ``x.to_q.lora_A.default.weight`` → ``x.to_q.lora_A.weight``."""
+    head, _, leaf = live_name.rpartition(".")
+    return f"{head.removesuffix('.default')}.{leaf}"
 
 
 def set_tf32(enabled: bool) -> None:

@@ -262,17 +262,7 @@ class LatentPRM(nn.Module):
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                prm = cls(
-                    cfg["backbone"],
-                    num_queries=int(cfg.get("num_queries", 1)),
-                    pool_heads=cfg.get("pool_heads"),
-                    head_hidden=cfg.get("head_hidden"),
-                    embedded_guidance=float(cfg.get("embedded_guidance", 6018.0)),
-                    use_sigmoid=bool(cfg.get("use_sigmoid", False)) if use_sigmoid is None else use_sigmoid,
-                    label=cfg.get("label"),
-                )
-        except (TypeError, ValueError) as exc:
-            raise PRMLoadError(f"{cfg_path}: cannot build the PRM from this config: {exc}") from None
+                prm = cls._from_config(cfg, cfg_path, use_sigmoid)
         finally:
             torch.set_default_dtype(previous)
         try:
@@ -283,6 +273,30 @@ class LatentPRM(nn.Module):
         _check_state(weights_path, prm.state_dict(), state)
         prm.load_state_dict(state)
         return prm.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def _from_config(cls, cfg: dict[str, Any], cfg_path: Path, use_sigmoid: bool | None = None) -> "LatentPRM":
+        try:
+            return cls(
+                cfg["backbone"],
+                num_queries=int(cfg.get("num_queries", 1)),
+                pool_heads=cfg.get("pool_heads"),
+                head_hidden=cfg.get("head_hidden"),
+                embedded_guidance=float(cfg.get("embedded_guidance", 6018.0)),
+                use_sigmoid=bool(cfg.get("use_sigmoid", False)) if use_sigmoid is None else use_sigmoid,
+                label=cfg.get("label"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise PRMLoadError(f"{cfg_path}: cannot build the PRM from this config: {exc}") from None
+
+    @classmethod
+    def expected_weights(cls, path: str | Path) -> dict[str, tuple[int, ...]]:
+        """Tensor names and shapes the folder's ``model.safetensors`` must hold for its ``config.json``, from the
+        PRM built on the meta device (nothing allocated or read). Raises PRMLoadError for an unusable config."""
+        cfg_path = Path(path) / CONFIG_NAME
+        with torch.device("meta"):
+            prm = cls._from_config(_read_config(cfg_path), cfg_path)
+        return {k: tuple(v.shape) for k, v in prm.state_dict().items()}
 
     @classmethod
     def from_run_config(cls, cfg: Any, device: torch.device | str = "cpu", **_: Any) -> "LatentPRM":
