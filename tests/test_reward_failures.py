@@ -20,7 +20,7 @@ import torch
 from euphonium_ray.registry import ORMS
 from euphonium_ray.reward_failures import NoTrainableGroupGuard, NoTrainableGroupError
 
-from test_ray_components import run_config, world  # noqa: F401  (fixtures)
+from conftest import run_config
 
 pytestmark = pytest.mark.ray
 PLUGIN = "failing_scorers_plugin"
