@@ -5,7 +5,7 @@ function returns, so the driver runs it on a background thread and talks to the 
 small async actor: the driver ``submit``s a step's shards (one per rank), each rank's loop takes its shard with
 ``next_job`` and runs ``Learner.step``; rank 0 publishes the new weights (version = step + 1) through
 ``actors.weights``; every rank ``report``s its statistics to the hub, where the driver's ``result`` call picks them
-up; checkpoints (written by ``Learner.step``) are reported to Ray Train last.
+up; on checkpoint steps the scalars are reported to Ray Train last (the checkpoint itself stays ours: one copy).
 """
 
 from __future__ import annotations
@@ -129,9 +129,9 @@ def learner_loop(config: dict[str, Any]) -> None:
 
 
 def _serve(job: dict[str, Any], learner: Any, hub: Any, sync: Any, rank: int, device: torch.device) -> None:
-    """One job: learn it, hand the result (and, on rank 0, the new weights) to the driver, then tell Ray Train about
-    a checkpoint. ``ray.train.report`` comes last and only with a checkpoint: each call blocks until Ray Train's
-    controller polls (every 2 s), which would hold every step."""
+    """One job: learn it, hand the result (and, on rank 0, the new weights) to the driver, then, on checkpoint steps,
+    report the scalars to Ray Train. ``ray.train.report`` comes last and only then: each call blocks until Ray
+    Train's controller polls (every 2 s), which would hold every step."""
     import ray.train
 
     step, shard = int(job["step"]), job["shard"]
@@ -146,11 +146,10 @@ def _serve(job: dict[str, Any], learner: Any, hub: Any, sync: Any, rank: int, de
     ray.get(hub.report.remote(rank, step, stats))
     if sync is not None and sync.backend == "collective":  # receivers join after the driver sees the report
         sync.publish(step + 1, done.weights)
-    if learner.writes_checkpoint(step + 1):  # every rank reports (Ray Train's barrier); rank 0 with the folder
-        scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
-        folder = ray.train.Checkpoint.from_directory(str(done.checkpoint)) if done.checkpoint is not None else None
-        ray.train.report(scalars, checkpoint=folder, checkpoint_dir_name=f"step-{step + 1}" if folder else None,
-                         delete_local_checkpoint_after_upload=False if folder else None)
+    if learner.writes_checkpoint(step + 1):  # every rank reports its scalars (Ray Train's barrier)
+        # Without the folder: the checkpoint is ours (output.dir/checkpoints, what --resume reads); handing it to
+        # Ray Train made it copy every checkpoint into its storage, the same bytes twice on disk.
+        ray.train.report({k: v for k, v in stats.items() if isinstance(v, (int, float))})
 
 
 # ---------------------------------------------------------------------------------------- driver side
@@ -193,7 +192,7 @@ class LearnerClient:
 def start_learner(cfg: Any, *, store: Any, resume: str | None, sync_backend: str, storage_path: str,
                   run_name: str) -> LearnerClient:
     """Start the TorchTrainer on a background thread; returns once the hub exists (call ``wait_ready``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
@@ -210,7 +209,6 @@ def start_learner(cfg: Any, *, store: Any, resume: str | None, sync_backend: str
                                      placement_strategy="PACK"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=TrainRunConfig(name=run_name, storage_path=storage_path,
-                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
                                   failure_config=FailureConfig(max_failures=0)),
     )
     errors: list[BaseException] = []

@@ -85,6 +85,14 @@ def test_outputs_have_curves_logs_checkpoints_and_videos(baseline):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_each_checkpoint_is_stored_once_not_copied_into_ray_trains_storage(baseline):
+    out = baseline["out"]
+    ours = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ours == [f"step-{s}" for s in range(2, STEPS + 1, 2)]  # output.save_every=2
+    train_storage = [p for p in (out / "ray_train").rglob("*") if p.is_file()]
+    assert not [p for p in train_storage if p.suffix == ".safetensors"], train_storage
+
+
 def test_resume_latest_gives_the_same_parameters_as_an_uninterrupted_run(baseline, tmp_path):
     cfg = baseline["cfg"].model_copy(deep=True)
     cfg.output.dir = str(tmp_path)
