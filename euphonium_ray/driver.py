@@ -23,6 +23,7 @@ from euphonium_ray.actor_failure import actor_failure_line
 from euphonium_ray.config import RunConfig, load_config
 from euphonium_ray.errors import EuphoniumError, RunError
 from euphonium_ray.ray_output import send_worker_output_to
+from euphonium_ray.stop_signal import Interrupted
 from euphonium_ray.step import advantages, learning_batch
 
 __all__ = ["RunError", "main", "prepare_inputs", "resolve_paths", "train"]
@@ -237,19 +238,21 @@ class StepLog:
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = None, progress: bool = True,
-          on_event: EventHook | None = None, evaluate: bool = True) -> dict[str, Any]:
+          on_event: EventHook | None = None, evaluate: bool = True, handle_signals: bool = False) -> dict[str, Any]:
     """Run (or continue) training; returns a summary (paths, rewards before/after, per-step records).
 
     ``on_event(name, step, system, record)`` is called at ``step_start`` and ``step_end`` (tests and tools look
-    at the live system there); ``evaluate=False`` skips the ODE evaluation before and after training."""
+    at the live system there); ``evaluate=False`` skips the ODE evaluation before and after training;
+    ``handle_signals`` (the CLI) lets a SIGTERM/SIGINT finish the running step, then stops (``stop_signal.py``)."""
     from euphonium_ray.actors.placement import check_cluster
     from euphonium_ray.actors.system import TrainingSystem
     from euphonium_ray.sampling import prompts_for_step
-    from euphonium_ray.checkpoint import CheckpointError, read_state, resolve_checkpoint
+    from euphonium_ray.checkpoint import CheckpointError, latest_checkpoint, read_state, resolve_checkpoint
     from euphonium_ray.metrics import RayMetrics, StepRecorder
     from euphonium_ray.preflight import check_run_files
     from euphonium_ray.reward_failures import NoTrainableGroupGuard
     from euphonium_ray.run_logging import RunLogger
+    from euphonium_ray.stop_signal import StopSignal
 
     cfg = resolve_paths(cfg)
     hook = on_event or (lambda *a: None)
@@ -311,7 +314,10 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
 
     log = StepLog(cfg, system, recorder, hook, evaluate_orm)
     feed = BatchFeed(collect, ahead=cfg.cluster.mode == "async", end=cfg.steps)
+    stop = StopSignal()  # installed after Ray's own driver handlers, so that ours are the ones that run
     try:
+        if handle_signals:
+            stop.install()
         before = log.before(start) if evaluate else None
         for step in range(start, cfg.steps):
             log.begin(step)
@@ -323,11 +329,13 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             stats = system.learned(step)
             system.broadcast(step + 1)  # sync: every rollout worker loads the new version; async: they fetch it
             log.end(batch, adv, stats)  # metrics, sample videos, periodic evaluation, the step_end hook
+            stop.check(step, str(latest_checkpoint(out) or "") or None)  # a SIGTERM/SIGINT during the step
         after = evaluate_orm(cfg.steps) if evaluate else None
         summary = recorder.summary(before, after, start)
         logger.info(summary["text"])
         return summary
     finally:
+        stop.restore()
         feed.close()
         system.close()
         if started_ray:
@@ -357,7 +365,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.set, use_env=not args.no_env)
         progress = not args.no_progress and sys.stderr.isatty()
-        train(cfg, resume=args.resume, address=args.address, progress=progress)  # logs its own summary
+        train(cfg, resume=args.resume, address=args.address, progress=progress, handle_signals=True)
+    except Interrupted as exc:  # asked to stop: the step boundary it stopped at, and how to continue
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_status
     except EuphoniumError as exc:  # bad input or a run that cannot go on: one line per problem
         _print_error(exc)
         return 2

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from euphonium_ray.files import write_atomic
+
 __all__ = ["RunLogger", "write_video_gif"]
 
 
@@ -60,6 +62,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _drop_records_from(path: Path, step: int) -> None:
+    """Keep the JSONL records of ``path`` before ``step`` (rewritten atomically; a missing file stays missing)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.strip() or json.loads(line).get("step", -1) < step]
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(kept))
+
+
 class RunLogger:
     """The driver's logging sink; ``progress=False`` keeps the terminal quiet (tests, ``ray job`` logs)."""
 
@@ -76,6 +88,9 @@ class RunLogger:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.log.addHandler(handler)
         self._handlers: list[logging.Handler] = [handler]
+        if start_step > 0:  # a resumed run redoes the steps after its checkpoint: their old records go
+            for name in ("steps.jsonl", "rewards.jsonl"):
+                _drop_records_from(self.logs / name, start_step)
         if not progress:
             stream = logging.StreamHandler(sys.stderr)
             stream.setFormatter(logging.Formatter("[euphonium] %(message)s"))
@@ -86,7 +101,7 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.root / "tensorboard"))
+            self.writer = SummaryWriter(str(self.root / "tensorboard"), purge_step=start_step or None)
         self.bar = None
         if progress:
             from tqdm import tqdm

@@ -249,3 +249,23 @@ def test_resume_latest_with_every_checkpoint_corrupt_lists_each_and_an_explicit_
     with pytest.raises(CheckpointError, match=f"cannot resume from {paths[2]}: transformer/diffusion_pytorch_model."
                                               "safetensors is 64020 bytes but its header describes 128040"):
         resolve_checkpoint(paths[2], "")
+
+
+def test_a_resumed_run_drops_the_log_records_of_the_steps_it_will_redo(tmp_path):
+    """A run killed after step 5 with its newest checkpoint at step 4 resumes at 4: the old records of steps 4 and 5
+    go, so each step is logged once; a run that never logged keeps having no file."""
+    from euphonium_ray.run_logging import RunLogger
+
+    first = RunLogger(tmp_path, total_steps=8, tensorboard=False, progress=False)
+    for step in range(6):
+        first.step(step, {"reward/orm_mean": 0.1 * step}, rewards={"orm": [step]})
+    first.close()
+    again = RunLogger(tmp_path, total_steps=8, start_step=4, tensorboard=False, progress=False)
+    again.step(4, {"reward/orm_mean": 0.9})
+    again.close()
+    steps = [json.loads(line) for line in (tmp_path / "logs" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3, 4] and steps[-1]["reward/orm_mean"] == 0.9
+    rewards = [json.loads(line)["step"] for line in (tmp_path / "logs" / "rewards.jsonl").read_text().splitlines()]
+    assert rewards == [0, 1, 2, 3]
+    RunLogger(tmp_path / "fresh", total_steps=2, start_step=1, tensorboard=False, progress=False).close()
+    assert not (tmp_path / "fresh" / "logs" / "steps.jsonl").exists()

@@ -3,6 +3,11 @@ and weight store together, on the toy world. Runs share one baseline so the suit
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +20,7 @@ from safetensors.torch import load_file
 from euphonium_ray.driver import train
 from euphonium_ray.metrics import metrics_endpoint, scrape_metrics
 
-from conftest import run_config
+from conftest import ROOT, run_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 4
@@ -232,3 +237,43 @@ def test_resume_latest_skips_a_truncated_newest_checkpoint_and_continues_from_th
             f"its header describes {size} (truncated or overwritten)")
     assert said in capsys.readouterr().err
     assert said in (tmp_path / "logs" / "train.log").read_text()
+
+
+def _gcs_servers() -> set[int]:
+    found = subprocess.run(["pgrep", "-x", "gcs_server"], capture_output=True, text=True).stdout.split()
+    return {int(p) for p in found}
+
+
+def test_sigterm_finishes_the_step_exits_143_stops_its_ray_and_resume_latest_ends_where_an_uninterrupted_run_does(
+        baseline, tmp_path):
+    cfg = baseline["cfg"].model_copy(deep=True)
+    run = tmp_path / "run"
+    cfg.output.dir, cfg.output.save_every = str(run), 1  # a checkpoint at every step boundary the signal may hit
+    config = tmp_path / "config.yaml"
+    cfg.save(config)
+    cmd = [sys.executable, "-m", "euphonium_ray.cli", "train", "--config", str(config), "--no-progress", "--no-env"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    before = _gcs_servers()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    steps = run / "logs" / "steps.jsonl"
+    deadline = time.monotonic() + 600
+    while not (steps.is_file() and steps.read_text().count("\n") >= 1):  # step 0 done: the signal lands in step 1
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run did not finish its first step in 10 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    done = [json.loads(line)["step"] for line in steps.read_text().splitlines()]
+    last = done[-1]
+    assert done == list(range(last + 1)) and last < STEPS - 1
+    assert f"error: stopped by SIGTERM after step {last}; --resume latest continues from" in err
+    assert (run / "checkpoints" / f"step-{last + 1}" / "state.json").is_file()  # the logs and the checkpoint agree
+    assert not sorted((run / "checkpoints").glob(f"step-{last + 2}*"))  # and no checkpoint the logs never saw
+    assert _gcs_servers() <= before  # the private Ray it started is gone
+    resumed = subprocess.run(cmd + ["--resume", "latest"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in steps.read_text().splitlines()] == list(range(STEPS))
+    ours, reference = _weights(run, STEPS), _weights(baseline["out"], STEPS)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
