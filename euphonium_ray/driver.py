@@ -329,7 +329,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             stats = system.learned(step)
             system.broadcast(step + 1)  # sync: every rollout worker loads the new version; async: they fetch it
             log.end(batch, adv, stats)  # metrics, sample videos, periodic evaluation, the step_end hook
-            stop.check(step, str(latest_checkpoint(out) or "") or None)  # a SIGTERM/SIGINT during the step
+            stop.check(step, lambda: latest_checkpoint(out))  # a SIGTERM/SIGINT during the step: stop here
         after = evaluate_orm(cfg.steps) if evaluate else None
         summary = recorder.summary(before, after, start)
         logger.info(summary["text"])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 from euphonium_ray.errors import EuphoniumError
 
@@ -58,10 +59,11 @@ class StopSignal:
                                       "the newest checkpoint is what --resume latest continues from")
         self.signum = signum
 
-    def check(self, step: int, newest_checkpoint: str | None) -> None:
-        """After step ``step``: stop here if a signal came during it."""
+    def check(self, step: int, newest_checkpoint: Callable[[], Path | None]) -> None:
+        """After step ``step``: stop here if a signal came during it (the checkpoint folder is read only then)."""
         if self.signum is None:
             return
-        where = (f"--resume latest continues from {newest_checkpoint}" if newest_checkpoint
+        newest = newest_checkpoint()
+        where = (f"--resume latest continues from {newest}" if newest is not None
                  else "no checkpoint was written yet: a new run starts from step 0")
         raise Interrupted(self.signum, f"stopped by {self.name} after step {step}; {where}")
