@@ -9,6 +9,7 @@ they compared.
 
     python bench/pilot_select.py baseline --grid OUT/grid-* --out OUT/selected_base
     python bench/pilot_select.py variant --pilot OUT/variants --sets OUT/selected_base.sets --out OUT/selected_variant
+    python bench/pilot_select.py apply --sets OUT/selected_base.sets   # the chosen pair into bench/configs/base.yaml
 """
 
 from __future__ import annotations
@@ -92,6 +93,22 @@ def select_variant(pilot: Path, out: Path, configs: Path = CONFIGS) -> dict:
     return result
 
 
+def apply_baseline(sets_file: Path, base: Path = CONFIGS / "base.yaml") -> list[str]:
+    """Write the chosen baseline pair into ``base.yaml`` in place (its comments kept), so the final run reads it."""
+    text = base.read_text()
+    sets = [s for s in sets_file.read_text().split() if s]
+    for s in sets:
+        key, value = s.split("=", 1)
+        leaf = key.split(".")[-1]
+        text, n = re.subn(rf"^(\s+{re.escape(leaf)}:\s*)\S+", lambda m: m.group(1) + value, text, count=1,
+                          flags=re.MULTILINE)
+        if n != 1:
+            raise SystemExit(f"{base}: no line '{leaf}:' to set from {sets_file}")
+    base.write_text(text)
+    print(f"{base}: " + " ".join(sets))
+    return sets
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -102,9 +119,14 @@ def main() -> int:
     v.add_argument("--pilot", type=Path, required=True)
     v.add_argument("--out", type=Path, required=True)
     v.add_argument("--configs", type=Path, default=CONFIGS)
+    ap = sub.add_parser("apply")
+    ap.add_argument("--sets", type=Path, required=True)
+    ap.add_argument("--base", type=Path, default=CONFIGS / "base.yaml")
     a = p.parse_args()
     if a.what == "baseline":
         select_baseline(a.grid, a.out)
+    elif a.what == "apply":
+        apply_baseline(a.sets, a.base)
     else:
         select_variant(a.pilot, a.out, a.configs)
     return 0
