@@ -7,6 +7,7 @@
 # Every stage has a time limit, logs to $OUT as it goes and is packed into $OUT as soon as it ends.
 # One GPU command (10 minutes at most) runs one part (PROTOCOL.md, amendment 1):
 #   STAGE=pilots bash bench/gpu_protocol.sh               # A and B on the pilot tasks; the selections come back
+#   STAGE=variants bash bench/gpu_protocol.sh             # B alone, once A's pair is committed in base.yaml
 #   STAGE=final TASKS=centered bash bench/gpu_protocol.sh  # C on one task, after the selections are committed
 #   . /tmp/site/env.sh && OUT=out STAGE=... bash bench/gpu_protocol.sh
 set -uo pipefail
@@ -28,8 +29,8 @@ EXTRA=(); for s in ${EXTRA_SETS:-}; do EXTRA+=(--set "$s"); done  # a dry run's 
 [ -n "${EVAL_SAMPLES:-}" ] && EXTRA+=(--eval-samples-per-prompt "$EVAL_SAMPLES")
 BENCH=($PY -m euphonium_ray.cli bench convergence --device "$DEVICE")
 
-if [ "$STAGE" = pilots ]; then
 PILOT=(--tasks $PILOT_TASKS)
+if [ "$STAGE" = pilots ]; then
 log "A: baseline grid, $PILOT_STEPS steps, pilot seeds $PILOT_SEEDS"
 timeout ${NUM_TIMEOUT:-100} $PY bench/gpu_numerics.py --device "$DEVICE" --out "$W/numerics.json" \
   --work "$W/numerics-world" >"$W/numerics.log" 2>&1 &
@@ -48,6 +49,10 @@ $PY bench/pilot_select.py baseline --grid "${grid[@]}" --out "$W/selected_base" 
 pack stage-a $(cd "$W" && ls -d grid-* numerics.json numerics.log selected_base.* 2>/dev/null)
 [ -f "$W/selected_base.sets" ] || { log "no baseline selected: stop"; exit 1; }
 SETS=(); while read -r s; do [ -n "$s" ] && SETS+=(--set "$s"); done <"$W/selected_base.sets"
+fi
+# STAGE=variants: stage B alone, after stage A's pair was committed into base.yaml (no --set needed).
+if [ "$STAGE" = pilots ] || [ "$STAGE" = variants ]; then
+[ "$STAGE" = variants ] && SETS=()
 
 log "B: variants at ${SETS[*]}, $PILOT_STEPS steps"
 timeout ${B_TIMEOUT:-320} "${BENCH[@]}" "${EXTRA[@]}" "${PILOT[@]}" --methods dance-grpo euph-credit euph-credit-half05 euph-credit-half20 \
