@@ -9,13 +9,12 @@ FILES=${1:?usage: bash bench/apply_pilots.sh FILES (the folder the pilots comman
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
 DEST=$ROOT/bench/results/convergence/pilots
-for f in selected_base.sets stage-b.tar.gz; do
-  [ -f "$FILES/$f" ] || { echo "apply_pilots: $FILES/$f is missing: the pilots did not finish" >&2; exit 2; }
-done
+[ -f "$FILES/stage-b.tar.gz" ] || { echo "apply_pilots: $FILES/stage-b.tar.gz is missing: stage B did not finish" >&2; exit 2; }
 tmp=$(mktemp -d)
 tar -xzf "$FILES/stage-b.tar.gz" -C "$tmp" euphonium-best.yaml oracle-control.yaml selected_variant.json
 cp "$tmp/euphonium-best.yaml" "$tmp/oracle-control.yaml" "$ROOT/bench/configs/"
-"$PY" "$ROOT/bench/pilot_select.py" apply --sets "$FILES/selected_base.sets"
+# STAGE=variants brings no baseline pair back: it was committed into base.yaml after stage A
+[ -f "$FILES/selected_base.sets" ] && "$PY" "$ROOT/bench/pilot_select.py" apply --sets "$FILES/selected_base.sets"
 mkdir -p "$DEST"
 cp "$tmp/selected_variant.json" "$DEST/"
 for f in selected_base.json selected_base.sets protocol.log; do [ -f "$FILES/$f" ] && cp "$FILES/$f" "$DEST/"; done
