@@ -312,7 +312,9 @@ def claim_statistics(logs: list[RunLog], baseline: str, target_fraction: float, 
         by_method.setdefault(log.method, {})[log.seed] = log
     if baseline not in by_method:
         raise ValueError(f"baseline {baseline!r} has no runs")
-    budget = min(len(log.steps) for log in logs)
+    # A run cut by its time limit ends between evaluations: compare every run up to the last evaluation all of them
+    # reached (a completed run is evaluated at its last step, so this is the budget when nothing was cut).
+    budget = min(min(len(log.steps), max((int(e["step"]) for e in log.evals), default=0)) for log in logs)
     curves = {m: {s: [(float(e["step"]), float(e["heldout_reward"])) for e in r.evals if e["step"] <= budget]
                   for s, r in runs.items()} for m, runs in by_method.items()}
     base = curves[baseline]
