@@ -314,7 +314,9 @@ def claim_statistics(logs: list[RunLog], baseline: str, target_fraction: float, 
         raise ValueError(f"baseline {baseline!r} has no runs")
     # A run cut by its time limit ends between evaluations: compare every run up to the last evaluation all of them
     # reached (a completed run is evaluated at its last step, so this is the budget when nothing was cut).
-    budget = min(min(len(log.steps), max((int(e["step"]) for e in log.evals), default=0)) for log in logs)
+    reach = min(min(len(log.steps), max((int(e["step"]) for e in log.evals), default=0)) for log in logs)
+    common = set.intersection(*({int(e["step"]) for e in log.evals if int(e["step"]) <= reach} for log in logs))
+    budget = max(common) if common else reach
     curves = {m: {s: [(float(e["step"]), float(e["heldout_reward"])) for e in r.evals if e["step"] <= budget]
                   for s, r in runs.items()} for m, runs in by_method.items()}
     base = curves[baseline]
