@@ -52,6 +52,12 @@ def select_baseline(grid: list[Path], out: Path) -> dict:
         gains = _gain_at(lgs, last)
         table[g.name] = {"same_initial_noise": m.group(1), "lr": m.group(2), "gain_by_task": gains,
                          "mean_gain": statistics.fmean(gains.values())}
+    tasks = sorted({t for row in table.values() for t in row["gain_by_task"]})
+    for name, row in table.items():  # a unit that failed leaves its configuration averaged over fewer tasks: say so
+        row["missing_tasks"] = [t for t in tasks if t not in row["gain_by_task"]]
+        if row["missing_tasks"]:
+            print(f"WARNING: {name} has no evaluation at step {last} on {', '.join(row['missing_tasks'])}: "
+                  "its mean is over the other tasks")
     best = max(table.values(), key=lambda r: r["mean_gain"])
     sets = [f"sampler.same_initial_noise={best['same_initial_noise']}", f"optim.lr={best['lr']}"]
     result = {"rule": "highest held-out gain at the last common evaluation, mean over tasks and pilot seeds",

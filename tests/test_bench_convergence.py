@@ -407,6 +407,21 @@ def test_claim_statistic_on_hand_made_curves_gives_the_ratio_of_median_steps_and
     assert m["euph"]["auc_minus_baseline"] == pytest.approx((0.02 - 0.01) * 20 / 2)
 
 
+def test_runs_cut_by_a_time_limit_are_compared_at_the_last_evaluation_every_run_reached():
+    from euphonium_ray.benchmarks.analysis import claim_statistics
+
+    base = [_log("dance-grpo", s, [0.5] * 20, 1.0, [0.5 + 0.01 * t for t in range(0, 21, 5)], 5) for s in range(3)]
+    # cut after 13 steps: evaluated at 0, 5, 10 only, so every method is compared up to step 10
+    cut = [_log("euph", s, [0.5] * 13, 1.0, [0.5 + 0.02 * t for t in range(0, 11, 5)], 5) for s in range(3)]
+    c = claim_statistics(base + cut, "dance-grpo", 0.8, 200, 0.95, seed=0)
+    assert c["budget_steps"] == 10
+    assert c["baseline_gain"] == pytest.approx(0.1)  # the baseline's reward at step 10, not at its step 20
+    assert c["methods"]["euph"]["auc_minus_baseline"] == pytest.approx((0.02 - 0.01) * 10 / 2)
+    failed = [_log("euph", s, [0.5], 1.0, [0.5], 5) for s in range(3)]  # crashed after its step-0 evaluation
+    with pytest.raises(ValueError, match="no held-out evaluation after step 0"):
+        claim_statistics(base + failed, "dance-grpo", 0.8, 200, 0.95, seed=0)
+
+
 def test_claim_interval_widens_with_seed_to_seed_spread_and_stays_paired():
     from euphonium_ray.benchmarks.analysis import claim_statistics
 

@@ -317,6 +317,8 @@ def claim_statistics(logs: list[RunLog], baseline: str, target_fraction: float, 
     reach = min(min(len(log.steps), max((int(e["step"]) for e in log.evals), default=0)) for log in logs)
     common = set.intersection(*({int(e["step"]) for e in log.evals if int(e["step"]) <= reach} for log in logs))
     budget = max(common) if common else reach
+    if budget < 1:
+        raise ValueError("no held-out evaluation after step 0 is shared by every run (did the runs fail?)")
     curves = {m: {s: [(float(e["step"]), float(e["heldout_reward"])) for e in r.evals if e["step"] <= budget]
                   for s, r in runs.items()} for m, runs in by_method.items()}
     base = curves[baseline]
