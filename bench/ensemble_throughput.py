@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from euphonium_ray.benchmarks.runner import EnsembleRun  # noqa: E402
-from euphonium_ray.benchmarks.settings import load_method_config, load_settings, task_overrides  # noqa: E402
-from euphonium_ray.benchmarks.world import BenchWorld, prepare_world  # noqa: E402
+from euphonium_ray.bench.runner import EnsembleRun  # noqa: E402
+from euphonium_ray.bench.settings import load_method_config, load_settings, task_overrides  # noqa: E402
+from euphonium_ray.bench.world import BenchWorld, prepare_world  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

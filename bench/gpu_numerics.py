@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from euphonium_ray.benchmarks.runner import EnsembleRun  # noqa: E402
-from euphonium_ray.benchmarks.settings import load_method_config, task_overrides, load_settings  # noqa: E402
-from euphonium_ray.benchmarks.world import BenchWorld, prepare_world  # noqa: E402
+from euphonium_ray.bench.runner import EnsembleRun  # noqa: E402
+from euphonium_ray.bench.settings import load_method_config, task_overrides, load_settings  # noqa: E402
+from euphonium_ray.bench.world import BenchWorld, prepare_world  # noqa: E402
 from euphonium_ray.models.hunyuan import set_tf32  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

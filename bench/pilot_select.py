@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from euphonium_ray.benchmarks import records  # noqa: E402
-from euphonium_ray.benchmarks.analysis import claim_statistics  # noqa: E402
+from euphonium_ray.bench import records  # noqa: E402
+from euphonium_ray.bench.analysis import claim_statistics  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 VARIANTS = ["euph-credit", "euph-credit-half05", "euph-credit-half20", "euph-credit-half20-glp",

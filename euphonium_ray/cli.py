@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("euphonium_ray.preprocess:main", "encode a prompts file into upstream's embedding layout"),
     "generate": ("euphonium_ray.generate:main", "sample videos (ODE, SDE or RGG) from a model folder"),
     "dashboards": ("euphonium_ray.dashboards:main", "dashboards build|push: the Grafana dashboard of euphonium_* metrics"),
-    "bench": ("euphonium_ray.bench_cli:main", "bench convergence: Euphonium vs DanceGRPO vs Flow-GRPO on the toy world"),
+    "bench": ("euphonium_ray.bench.cli:main", "bench convergence: Euphonium vs DanceGRPO vs Flow-GRPO on the toy world"),
 }
 
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from euphonium_ray.benchmarks.analysis import RunLog, analyse, censored_median, first_crossing, moving_average
-from euphonium_ray.benchmarks.convergence import DEFAULT_CONFIGS, ConvergenceOptions, main, resolve_plan, run_benchmark
-from euphonium_ray.benchmarks.settings import SHARED_KEYS, load_method_config, load_settings, method_file, task_overrides
+from euphonium_ray.bench.analysis import RunLog, analyse, censored_median, first_crossing, moving_average
+from euphonium_ray.bench.convergence import DEFAULT_CONFIGS, ConvergenceOptions, main, resolve_plan, run_benchmark
+from euphonium_ray.bench.settings import SHARED_KEYS, load_method_config, load_settings, method_file, task_overrides
 from euphonium_ray.config import ConfigError, load_config
 
 # ---------------------------------------------------------------------------------------- hand-made curves
@@ -111,7 +111,7 @@ def test_speedup_is_the_ratio_of_median_steps_and_runs_are_cut_to_the_common_bud
 
 def test_a_baseline_that_ends_below_its_start_makes_the_to_target_cells_vacuous_not_zero():
     """Every run "reaches" a target below its own start at step 0; the table must not read that as a result."""
-    from euphonium_ray.benchmarks.analysis import markdown_table
+    from euphonium_ray.bench.analysis import markdown_table
 
     falling = [0.7 - 0.01 * t for t in range(10)]
     logs = [_log("dance-grpo", s, falling, 1.0, [0.65, 0.64, 0.63], 5) for s in (0, 1)]
@@ -200,7 +200,7 @@ def test_bad_benchmark_inputs_fail_with_the_file_or_name_at_fault(tmp_path, caps
     (configs / "benchmark.yaml").write_text("methods: [dance-grpo]\nseeds: [1, 1]\n")
     assert main(["--configs", str(configs), "--out", str(tmp_path / "o")]) == 2
     assert "benchmark.yaml" in capsys.readouterr().err
-    from euphonium_ray.bench_cli import main as bench_main
+    from euphonium_ray.bench.cli import main as bench_main
 
     assert bench_main(["speed"]) == 2 and "unknown benchmark 'speed'" in capsys.readouterr().err
 
@@ -208,7 +208,7 @@ def test_bad_benchmark_inputs_fail_with_the_file_or_name_at_fault(tmp_path, caps
 def test_guidance_to_noise_is_the_shift_length_over_the_noise_length_computed_by_hand():
     from test_sampling import LATENT_SHAPE, QuadraticPRM, make_cond, tiny_policy
 
-    from euphonium_ray.benchmarks.runner import guidance_to_noise
+    from euphonium_ray.bench.runner import guidance_to_noise
     from euphonium_ray.config import RunConfig
     from euphonium_ray.sampling import make_generators, sample_trajectories
     from euphonium_ray.sde import sigma_schedule
@@ -376,7 +376,7 @@ def test_ray_mode_through_the_driver_logs_the_same_rewards_as_in_process(quick_r
 
 # -------------------------------------------------------------------------------------- the claim statistic
 def test_interpolated_crossing_is_linear_between_evaluations_and_none_when_never_reached():
-    from euphonium_ray.benchmarks.analysis import interpolated_crossing
+    from euphonium_ray.bench.analysis import interpolated_crossing
 
     pts = [(0, 0.5), (5, 0.6), (10, 0.8)]
     assert interpolated_crossing(pts, 0.7) == pytest.approx(7.5)  # halfway from 0.6 to 0.8 between steps 5 and 10
@@ -386,7 +386,7 @@ def test_interpolated_crossing_is_linear_between_evaluations_and_none_when_never
 
 
 def test_claim_statistic_on_hand_made_curves_gives_the_ratio_of_median_steps_and_a_paired_interval():
-    from euphonium_ray.benchmarks.analysis import claim_statistics
+    from euphonium_ray.bench.analysis import claim_statistics
 
     def curve(method: str, seed: int, slope: float) -> RunLog:  # reward 0.5 + slope·step over 20 steps
         return _log(method, seed, [0.5] * 20, 1.0, [0.5 + slope * s for s in range(0, 21, 5)], 5, "centered")
@@ -408,7 +408,7 @@ def test_claim_statistic_on_hand_made_curves_gives_the_ratio_of_median_steps_and
 
 
 def test_runs_cut_by_a_time_limit_are_compared_at_the_last_evaluation_every_run_reached():
-    from euphonium_ray.benchmarks.analysis import claim_statistics
+    from euphonium_ray.bench.analysis import claim_statistics
 
     base = [_log("dance-grpo", s, [0.5] * 20, 1.0, [0.5 + 0.01 * t for t in range(0, 21, 5)], 5) for s in range(3)]
     # cut after 13 steps: evaluated at 0, 5, 10 only, so every method is compared up to step 10
@@ -423,7 +423,7 @@ def test_runs_cut_by_a_time_limit_are_compared_at_the_last_evaluation_every_run_
 
 
 def test_claim_interval_widens_with_seed_to_seed_spread_and_stays_paired():
-    from euphonium_ray.benchmarks.analysis import claim_statistics
+    from euphonium_ray.bench.analysis import claim_statistics
 
     def curve(method: str, seed: int, slope: float) -> RunLog:
         return _log(method, seed, [0.5] * 20, 1.0, [0.5 + slope * s for s in range(0, 21, 5)], 5)

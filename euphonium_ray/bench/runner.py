@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from euphonium_ray.benchmarks.world import BenchWorld
+from euphonium_ray.bench.world import BenchWorld
 from euphonium_ray.config import RunConfig
 from euphonium_ray.ensemble import PolicyEnsemble
 from euphonium_ray.models.base import OutcomeRewardModel, Policy, TextConditioning

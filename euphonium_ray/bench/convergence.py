@@ -22,9 +22,9 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from euphonium_ray.benchmarks import records
-from euphonium_ray.benchmarks.analysis import analyse, claim_statistics, markdown_table
-from euphonium_ray.benchmarks.settings import (
+from euphonium_ray.bench import records
+from euphonium_ray.bench.analysis import analyse, claim_statistics, markdown_table
+from euphonium_ray.bench.settings import (
     BenchmarkSettings,
     check_shared_budget,
     load_method_config,
@@ -103,7 +103,7 @@ def resolve_plan(opts: ConvergenceOptions) -> tuple[BenchmarkSettings, Plan, lis
 def _world_source(opts: ConvergenceOptions, cfg: RunConfig, log: Log) -> str:
     if opts.world != "auto":
         return opts.world
-    from euphonium_ray.benchmarks.world import COMMITTED_PRM, TOY_ASSETS
+    from euphonium_ray.bench.world import COMMITTED_PRM, TOY_ASSETS
 
     have_model = (TOY_ASSETS / "toy-model" / "transformer" / "config.json").is_file() or \
         (Path(cfg.model.path) / "transformer" / "config.json").is_file()
@@ -116,7 +116,7 @@ def _world_source(opts: ConvergenceOptions, cfg: RunConfig, log: Log) -> str:
 
 def open_world(opts: ConvergenceOptions, settings: BenchmarkSettings, base: RunConfig, log: Log):
     """Build what is missing of the world under ``out/world`` and load it (held-out split from the settings)."""
-    from euphonium_ray.benchmarks.world import BenchWorld, prepare_world
+    from euphonium_ray.bench.world import BenchWorld, prepare_world
 
     source = _world_source(opts, base, log)
     paths = prepare_world(base, opts.out_dir / "world", source, log)  # type: ignore[arg-type]
@@ -156,7 +156,7 @@ def claim_table(task: str, claim: dict[str, Any], bar: float | None) -> str:
 
 def write_report(out: Path, info: dict[str, Any], log: Log) -> dict[str, Any]:
     """Analyse the logs under ``out`` per task and write convergence.json / .md and the PNG plots."""
-    from euphonium_ray.benchmarks.plots import plot_convergence
+    from euphonium_ray.bench.plots import plot_convergence
 
     logs = records.load_logs(out)
     order = {m: i for i, m in enumerate(info.get("methods", []))}
@@ -227,11 +227,11 @@ def run_benchmark(opts: ConvergenceOptions, log: Log = print) -> dict[str, Any]:
                      "train_prompts": len(world.train), "heldout_prompts": [world.captions[i] for i in world.heldout]}
     records.write_json_atomic(out / records.RUN_INFO, info)
     if opts.ray:
-        from euphonium_ray.benchmarks.ray_runs import run_on_ray
+        from euphonium_ray.bench.ray_runs import run_on_ray
 
         info.update(run_on_ray(world, settings, plan, seeds, out, log))
     else:
-        from euphonium_ray.benchmarks.lockstep import run_in_process
+        from euphonium_ray.bench.lockstep import run_in_process
 
         info.update(run_in_process(world.paths, settings, plan, seeds, out, device=opts.device,
                                    threads=opts.threads or settings.threads, workers=opts.workers or settings.workers,

@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from euphonium_ray.benchmarks import records
-from euphonium_ray.benchmarks.settings import BenchmarkSettings
-from euphonium_ray.benchmarks.world import BenchWorld, WorldPaths
+from euphonium_ray.bench import records
+from euphonium_ray.bench.settings import BenchmarkSettings
+from euphonium_ray.bench.world import BenchWorld, WorldPaths
 from euphonium_ray.config import RunConfig
 
 Log = Callable[[str], None]
@@ -37,7 +37,7 @@ def run_units(paths: WorldPaths, settings: BenchmarkSettings, configs: dict[str,
               units: list[Unit], out: Path, device: str, threads: int, deadline: float | None,
               log: Log = print) -> dict[str, Any]:
     """Train ``units`` in lock-step in this process; ``configs[task][method]``; ``deadline`` a ``time.time()``."""
-    from euphonium_ray.benchmarks.runner import EnsembleRun
+    from euphonium_ray.bench.runner import EnsembleRun
 
     torch.set_num_threads(threads)
     base = next(iter(next(iter(configs.values())).values()))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from euphonium_ray.benchmarks.analysis import RunLog
+from euphonium_ray.bench.analysis import RunLog
 
 __all__ = ["plot_convergence"]
 

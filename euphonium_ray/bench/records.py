@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from euphonium_ray.benchmarks.analysis import RunLog
+from euphonium_ray.bench.analysis import RunLog
 from euphonium_ray.checkpoint import config_hash
 from euphonium_ray.config import RunConfig
 from euphonium_ray.errors import EuphoniumError

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from euphonium_ray.benchmarks import records
-from euphonium_ray.benchmarks.runner import heldout_reward
-from euphonium_ray.benchmarks.settings import BenchmarkSettings
-from euphonium_ray.benchmarks.world import BenchWorld
+from euphonium_ray.bench import records
+from euphonium_ray.bench.runner import heldout_reward
+from euphonium_ray.bench.settings import BenchmarkSettings
+from euphonium_ray.bench.world import BenchWorld
 from euphonium_ray.config import RunConfig
 
 Log = Callable[[str], None]

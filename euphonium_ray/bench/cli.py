@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-SUITES = {"convergence": "euphonium_ray.benchmarks.convergence"}
+SUITES = {"convergence": "euphonium_ray.bench.convergence"}
 
 
 def main(argv: list[str]) -> int:

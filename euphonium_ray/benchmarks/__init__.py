@@ -1,1 +1,0 @@
-"""Benchmarks that print ratios: the toy-world convergence comparison (``convergence.py``)."""
