@@ -53,6 +53,16 @@ class ModelConfig(Section):
     # log-prob at different batch sizes, and TF32's ~1e-3 relative error moves the importance ratio by more than
     # upstream's clip range (1e-4); cuDNN turns it on for convolutions (the patch embedding) unless told not to.
     tf32: bool = False
+    # The fast path (issue 15; euphonium_ray/models/hunyuan_fast.py, docs/gpu.md). unpadded_attention: a forward
+    # whose rows all have the same prompt length cuts the text padding and runs attention with no mask (the same
+    # function; only SDPA's kernel, hence the rounding, may differ). compile: "blocks" compiles each transformer
+    # block once (torch.compile, regional) and keeps it across steps and weight versions; it changes rounding
+    # (fused kernels), so it is opt-in. merge_lora: rollout copies fold the LoRA adapters into the base weights
+    # after every weight sync (one rounding of W0 + s·B·A to model.dtype) instead of running them on every
+    # projection; opt-in for the same reason.
+    unpadded_attention: bool = True
+    compile: Literal["none", "blocks"] = "none"
+    merge_lora: bool = False
 
     @field_validator("family")
     @classmethod

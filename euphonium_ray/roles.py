@@ -63,6 +63,10 @@ def load_policy(cfg: RunConfig, role: Role, device: torch.device):
     if role != "learner":
         policy.transformer.requires_grad_(False)
         policy.transformer.eval()
+    configure_speed = getattr(policy, "configure_speed", None)  # the fast path, for families that have one
+    if configure_speed is not None:
+        configure_speed(unpadded_attention=cfg.model.unpadded_attention, compile=cfg.model.compile,
+                        merge_lora=cfg.model.merge_lora and role == "rollout")
     return policy
 
 

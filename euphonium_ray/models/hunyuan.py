@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from euphonium_ray.checkpoint import CheckpointError, read_transformer_weights
 from euphonium_ray.models.base import LatentCodec, TextConditioning
 from euphonium_ray.models.codecs import load_codec
+from euphonium_ray.models.hunyuan_fast import FastForward, LoraMerge, supports_fast_forward
 from euphonium_ray.sde import TimestepArithmetic, network_timestep
 from euphonium_ray.errors import EuphoniumError
 
@@ -74,6 +75,26 @@ class HunyuanVideoPolicy:
         self.embedded_guidance = float(embedded_guidance)
         self.autocast_dtype = autocast_dtype
         self.timestep_arithmetic = timestep_arithmetic  # "fp32": upstream's int(σ·1000) (sde.network_timestep)
+        self.fast: FastForward | None = None  # configure_speed: the fast forward (models/hunyuan_fast.py)
+        self.lora_merge: LoraMerge | None = None  # configure_speed(merge_lora=True): adapters folded into W
+
+    def configure_speed(self, *, unpadded_attention: bool = False, compile: str = "none",
+                        merge_lora: bool = False) -> None:
+        """The fast path's options (``model.unpadded_attention``, ``model.compile``, ``model.merge_lora``; see
+        ``models/hunyuan_fast.py``). ``merge_lora`` is for frozen rollout copies: the adapters are merged now and
+        again after every ``load_sync_state_dict``. Call it once, before the first forward."""
+        if compile not in ("none", "blocks"):
+            raise ValueError(f"compile must be 'none' or 'blocks', got {compile!r}")
+        if merge_lora and self.is_lora:
+            if self.lora_merge is None:
+                self.lora_merge = LoraMerge(self.transformer)
+            self.lora_merge.merge()
+        elif self.lora_merge is not None:
+            self.lora_merge.unmerge()
+            self.lora_merge = None
+        wanted = unpadded_attention or compile == "blocks"
+        self.fast = FastForward(self.transformer, unpadded_attention=unpadded_attention,
+                                compile_blocks=compile == "blocks") if wanted else None
 
     @property
     def is_lora(self) -> bool:
@@ -235,7 +256,10 @@ class HunyuanVideoPolicy:
         """fp32 velocity at per-sample σ (B,) (or one σ for all); timestep ``int(1000σ)``, guidance 6018."""
         inputs = self.forward_inputs(latents, sigma, cond)
         with self.autocast():
-            out = self.transformer(**inputs, return_dict=False)[0]
+            if self.fast is not None and supports_fast_forward(self.transformer):
+                out = self.fast(**inputs)
+            else:
+                out = self.transformer(**inputs, return_dict=False)[0]
         return out.float()
 
     # ----------------------------------------------------------------------------------------- training
@@ -262,6 +286,8 @@ class HunyuanVideoPolicy:
                 if src.shape != target.shape:
                     raise PolicyLoadError(f"weight update: {name} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
                 target.copy_(src.to(device=target.device, dtype=target.dtype))
+        if self.lora_merge is not None:  # a merged rollout copy: fold the new adapters in (from the kept W0)
+            self.lora_merge.merge()
 
     # ------------------------------------------------------------------------------------------- saving
     def merged_state_dict(self) -> dict[str, Tensor]:
@@ -274,7 +300,8 @@ class HunyuanVideoPolicy:
         for name, tensor in self.transformer.state_dict().items():
             if "lora_" in name:
                 continue
-            merged[name.replace(".base_layer.", ".")] = tensor.detach().clone()
+            kept = self.lora_merge.base_weight(name) if self.lora_merge is not None else None
+            merged[name.replace(".base_layer.", ".")] = (tensor if kept is None else kept).detach().clone()
         with torch.no_grad():
             for name, module in self.transformer.named_modules():
                 if isinstance(module, LoraLayer):
