@@ -331,8 +331,10 @@ class Run:
         plain = {"whole_s": whole, "step_median_s": statistics.median(steps), "steps_s": steps}
         policy = TimedPolicy(self.fast_policy(), self.device)
         seeds = list(range(self.args.group))
-        # warm-up: one forward of the same shape (compiles here when the forward part did not run)
-        timed(lambda: policy.policy.velocity(self.latents, self.sigma, self.cond), self.device)
+        # warm-up: one forward of the same shape under no_grad, as the rollout calls it (compiles here when the
+        # forward part did not run; outside no_grad it would compile a second, grad-mode graph)
+        with torch.no_grad():
+            timed(lambda: policy.policy.velocity(self.latents, self.sigma, self.cond), self.device)
         whole, traj = timed(lambda: rollout(policy, self.cond, cfg, prm=None, latent_shape=self.latent_shape,
                                             seeds=seeds), self.device)
         ours = {"whole_s": whole, "policy_s": policy.velocity.seconds, "forwards": policy.velocity.calls,
@@ -367,7 +369,8 @@ class Run:
         policy = TimedPolicy(self.fast_policy(), self.device)
         sig = torch.full((self.args.group,), 0.3, device=self.device)
         timed(lambda: prm.score_and_grad(self.latents, sig, self.cond), self.device)  # warm-up
-        timed(lambda: policy.policy.velocity(self.latents, self.sigma, self.cond), self.device)
+        with torch.no_grad():
+            timed(lambda: policy.policy.velocity(self.latents, self.sigma, self.cond), self.device)
         whole, traj = timed(lambda: rollout(policy, self.cond, cfg, prm=_PRM(), latent_shape=self.latent_shape,
                                             seeds=list(range(self.args.group))), self.device)
         guided = int(traj.process_evaluated[0].sum())
