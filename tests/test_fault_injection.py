@@ -17,8 +17,9 @@ from conftest import run_config
 @pytest.mark.slow
 def test_ten_seeded_kills_of_every_role_and_one_of_the_driver_change_no_parameter_and_lose_no_step(world, local_ray,
                                                                                                       tmp_path):
-    # 5 steps, a checkpoint every 2: role kills in steps 0-2, the driver dies in step 3 and resumes from step-2
-    cfg = run_config(world, tmp_path / "unused", "steps=5", "output.save_every=2", "output.eval_count=1",
+    # 4 steps, a checkpoint every 2: role kills in steps 0-2 (a learner restarted in step 1 replays step 0 from the
+    # base model), the driver dies in step 3, and --resume latest redoes step 2, which it had logged, and step 3
+    cfg = run_config(world, tmp_path / "unused", "steps=4", "output.save_every=2", "output.eval_count=1",
                      "output.eval_samples_per_prompt=1")
     report = run_fault_injection(cfg, tmp_path, seed=0, kills=10, kill_steps=3)
     print(json.dumps({k: v for k, v in report.items() if k != "driver_output_tail"}, indent=1))
