@@ -30,14 +30,26 @@ __all__ = ["LearnerClient", "LearnerHub", "learner_loop", "start_learner"]
 
 @ray.remote(num_cpus=0)
 class LearnerHub:
-    """Mailbox between the driver and the learner ranks (an async actor: waits do not block other calls)."""
+    """Mailbox between the driver and the learner ranks (an async actor: waits do not block other calls).
 
-    def __init__(self, world_size: int) -> None:
+    Jobs are kept by step, not queued: a rank asks for the step it needs. The jobs since the newest checkpoint the
+    driver has seen stay here, so that a learner Ray Train restarts (a lost worker process) resumes from that
+    checkpoint and replays them; a replayed step must give the digest it gave the first time."""
+
+    def __init__(self, world_size: int, start_step: int = 0, resume: str | None = None) -> None:
         self.world_size = world_size
-        self.jobs: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
+        self.jobs: dict[int, list[Any]] = {}  # step -> one shard per rank
         self.reports: dict[int, dict[int, dict[str, Any]]] = {}
         self.ready_info: dict[int, dict[str, Any]] = {}
         self.error: str | None = None
+        self.fatal: BaseException | None = None  # a rank's own error: a restarted rank raises it again
+        self.closed = False
+        self.taken = start_step  # the first step whose result the driver has not taken
+        self.floor: tuple[int, str | None] = (start_step, resume)  # the newest checkpoint the driver has seen
+        self.digests: dict[int, str | None] = {}  # rank 0's digest of each taken step since the floor
+        self.generation = [0] * world_size  # starts of each rank (Ray Train restarts the whole group)
+        self.restarts = 0
+        self.notes: list[str] = []
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -58,20 +70,65 @@ class LearnerHub:
                 pass
 
     # ------------------------------------------------------------------------------------- learner side
-    async def set_ready(self, rank: int, info: dict[str, Any]) -> None:
+    async def join(self, rank: int) -> dict[str, Any] | None:
+        """A rank starts: its generation and where to resume from (None: the run is over). A restarted rank
+        resumes from the newest complete checkpoint between the floor and the first step not yet taken."""
+        if self.closed:
+            return None
+        generation = self.generation[rank]
+        self.generation[rank] += 1
+        if generation == 0:
+            return {"generation": 0, "resume": self.floor[1]}
+        if rank == 0:
+            self.restarts += 1
+        # what the lost group reported for steps not yet taken is redone by the restarted one
+        self.reports = {s: r for s, r in self.reports.items() if s < self.taken}
+        return {"generation": generation, "floor": list(self.floor), "until": self.taken}
+
+    async def set_ready(self, rank: int, generation: int, info: dict[str, Any]) -> None:
         self.ready_info[rank] = info
+        if generation > 0 and rank == 0:
+            start = int(info["start_step"])
+            self.notes.append(f"the learner lost a worker and Ray Train restarted it (restart {self.restarts}): "
+                              f"resumed at step {start}, replaying steps {start}..{self.taken - 1} before step "
+                              f"{self.taken}" if start < self.taken else
+                              f"the learner lost a worker and Ray Train restarted it (restart {self.restarts}): "
+                              f"resumed at step {start}")
         self._notify()
 
-    async def next_job(self, rank: int) -> dict[str, Any] | None:
-        return await self.jobs[rank].get()
+    async def next_job(self, rank: int, generation: int, step: int) -> dict[str, Any] | None:
+        """Rank ``rank``'s shard of ``step`` once the driver submitted it; None when the run is over (or the asking
+        process belongs to a group Ray Train has replaced)."""
+        while step not in self.jobs and not self.closed and generation == self.generation[rank] - 1:
+            await self._changed.wait()
+        if self.closed or generation != self.generation[rank] - 1:
+            return None
+        return {"step": step, "shard": self.jobs[step][rank]}
 
-    async def report(self, rank: int, step: int, stats: dict[str, Any]) -> None:
+    async def report(self, rank: int, generation: int, step: int, stats: dict[str, Any]) -> None:
+        if generation != self.generation[rank] - 1:
+            return  # a report sent by a process of the group Ray Train replaced
+        if step < self.taken:  # a replayed step: it must land on the weights it gave before
+            if rank == 0 and stats.get("digest") != self.digests.get(step, stats.get("digest")):
+                self.error = (f"step {step}, replayed after the learner's restart, gave different weights "
+                              f"({stats.get('digest')} != {self.digests.get(step)})")
+            self._notify()
+            return
         self.reports.setdefault(step, {})[rank] = stats
         self._notify()
 
-    async def fail(self, message: str) -> None:
+    async def fail(self, message: str, error: BaseException | None = None) -> None:
         self.error = message
+        if error is not None:
+            self.fatal = error
         self._notify()
+
+    async def fatal_error(self) -> BaseException | None:
+        return self.fatal
+
+    async def pids(self) -> dict[int, int]:
+        """The learner ranks' process ids, of the group running now."""
+        return {rank: int(info["pid"]) for rank, info in self.ready_info.items()}
 
     # -------------------------------------------------------------------------------------- driver side
     async def wait_ready(self, timeout_s: float) -> dict[str, Any]:
@@ -81,54 +138,107 @@ class LearnerHub:
     async def submit(self, step: int, shards: list[Any]) -> None:
         if len(shards) != self.world_size:
             raise ValueError(f"got {len(shards)} shards for {self.world_size} learner ranks")
-        for rank, shard in enumerate(shards):
-            await self.jobs[rank].put({"step": step, "shard": shard})
+        self.jobs[step] = list(shards)
+        self._notify()
 
     async def result(self, step: int, timeout_s: float) -> dict[str, Any]:
-        """Rank 0's statistics of ``step`` (plus ``ranks``: every rank's) once all ranks reported."""
+        """Rank 0's statistics of ``step`` (plus ``ranks``: every rank's, and ``notes``: the learner's restarts since
+        the last result) once all ranks reported. A checkpoint among them becomes the floor: the jobs before it go."""
         await self._wait(lambda: len(self.reports.get(step, {})) == self.world_size, timeout_s, f"finish step {step}")
         per_rank = self.reports.pop(step)
-        return {**per_rank[0], "ranks": [per_rank[r] for r in range(self.world_size)]}
+        first = per_rank[0]
+        self.taken = max(self.taken, step + 1)
+        self.digests[step] = first.get("digest")
+        if first.get("checkpoint"):
+            self.floor = (int(first["version"]), str(first["checkpoint"]))
+            for old in [s for s in self.jobs if s < self.floor[0]]:
+                del self.jobs[old]
+            for old in [s for s in self.digests if s < self.floor[0]]:
+                del self.digests[old]
+        notes, self.notes = self.notes, []
+        return {**first, "ranks": [per_rank[r] for r in range(self.world_size)], "notes": notes}
 
     async def close(self) -> None:
-        for q in self.jobs:
-            await q.put(None)
+        self.closed = True
+        self._notify()
 
 
 # ------------------------------------------------------------------------------------------- the loop
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether a rank's error is the collateral of another rank's death (a collective that lost a member), which a
+    restart of the group cures, rather than the learner's own failure."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(s in text for s in ("Connection closed by peer",
+                                                                       "Connection reset by peer", "Broken pipe"))
+
+
 def learner_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: build this rank's ``Learner``, then serve the hub's jobs until it closes.
-    ``config``: cfg (dict), hub, store, resume (path or None), sync_backend, num_rollout_workers."""
+    ``config``: cfg (dict), hub, store, sync_backend, num_rollout_workers.
+
+    Started again by Ray Train after a worker process is lost (``cluster.max_learner_restarts``): each rank then
+    resumes from the newest complete checkpoint the hub allows and replays the kept jobs from there. The rank's own
+    errors are final: the hub keeps the first, and a restarted rank raises it again at once."""
     import ray.train
     import ray.train.torch
 
+    from euphonium_ray.checkpoint import config_hash, restart_checkpoint
     from euphonium_ray.learner import Learner
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg, hub = config_from(config["cfg"]), config["hub"]
+    fatal = ray.get(hub.fatal_error.remote())
+    if fatal is not None:
+        raise fatal
+    start = ray.get(hub.join.remote(rank))
+    if start is None:  # the driver has already closed the run
+        return
+    generation = int(start["generation"])
     try:
         t0 = time.perf_counter()
         set_threads(cfg.cluster.learner_cpus)
         device = ray.train.torch.get_device() if cfg.cluster.learner_gpus > 0 else torch.device("cpu")
-        learner = Learner.load(cfg, device, rank=rank, world=world, resume=config.get("resume"))
+        if generation == 0:
+            resume = start["resume"]
+        else:
+            if config["sync_backend"] == "collective":
+                raise RuntimeError("a restarted learner cannot rejoin the rollout workers' collective weight "
+                                   "broadcast; set cluster.weight_sync=object_store to survive a lost learner, or "
+                                   "cluster.max_learner_restarts=0")
+            floor_step, floor_path = start["floor"]
+            found = restart_checkpoint(cfg.output.dir, int(floor_step), int(start["until"]), config_hash(cfg))
+            resume = str(found) if found is not None else floor_path
+        learner = Learner.load(cfg, device, rank=rank, world=world, resume=resume)
         sync = make_weight_sync(config["sync_backend"], config["store"], rank=0, device=str(device),
                                 world_size=int(config["num_rollout_workers"]) + 1,
                                 timeout_s=cfg.cluster.timeouts.weights_s) if rank == 0 else None
         state = learner.weights()
-        ray.get(hub.set_ready.remote(rank, {"start_step": learner.start_step, "pid": os.getpid(),
-                                            "digest": state_digest(state) if state else None, "device": str(device),
-                                            "fsdp": learner.sharded, "load_seconds": time.perf_counter() - t0}))
+        if sync is not None and generation > 0:  # the versions the lost rank 0 published died with it
+            ray.get(config["store"].rewind.remote(learner.start_step))
+        ray.get(hub.set_ready.remote(rank, generation, {
+            "start_step": learner.start_step, "pid": os.getpid(), "digest": state_digest(state) if state else None,
+            "device": str(device), "fsdp": learner.sharded, "load_seconds": time.perf_counter() - t0}))
         if sync is not None:
             sync.publish(learner.start_step, state)
-        while (job := ray.get(hub.next_job.remote(rank))) is not None:
-            _serve(job, learner, hub, sync, rank, device)
+        step = learner.start_step
+        while (job := ray.get(hub.next_job.remote(rank, generation, step))) is not None:
+            _serve(job, learner, hub, sync, rank, generation, device)
+            step += 1
     except BaseException as exc:
-        ray.get(hub.fail.remote(f"rank {rank}: {type(exc).__name__}: {exc}"))
+        if not _lost_peer(exc):
+            message = f"rank {rank}: {type(exc).__name__}: {exc}"
+            try:
+                ray.get(hub.fail.remote(message, exc))
+            except Exception:  # noqa: BLE001 (an error Ray cannot carry: its line is enough)
+                ray.get(hub.fail.remote(message))
         raise
 
 
-def _serve(job: dict[str, Any], learner: Any, hub: Any, sync: Any, rank: int, device: torch.device) -> None:
+def _serve(job: dict[str, Any], learner: Any, hub: Any, sync: Any, rank: int, generation: int,
+           device: torch.device) -> None:
     """One job: learn it, hand the result (and, on rank 0, the new weights) to the driver, then, on checkpoint steps,
     report the scalars to Ray Train. ``ray.train.report`` comes last and only then: each call blocks until Ray
     Train's controller polls (every 2 s), which would hold every step."""
@@ -143,7 +253,7 @@ def _serve(job: dict[str, Any], learner: Any, hub: Any, sync: Any, rank: int, de
     release_cached_memory(device, learner.cfg.cluster.learner_gpus)
     if sync is not None and sync.backend == "object_store":
         stats["publish"] = sync.publish(step + 1, done.weights)
-    ray.get(hub.report.remote(rank, step, stats))
+    ray.get(hub.report.remote(rank, generation, step, stats))
     if sync is not None and sync.backend == "collective":  # receivers join after the driver sees the report
         sync.publish(step + 1, done.weights)
     if learner.writes_checkpoint(step + 1):  # every rank reports its scalars (Ray Train's barrier)
@@ -164,6 +274,10 @@ class LearnerClient:
 
     def submit(self, step: int, shards: list[dict[str, Any]]) -> None:
         self._get(self.hub.submit.remote(step, shards))
+
+    def pids(self) -> dict[int, int]:
+        """The running learner ranks' process ids (those of the group Ray Train started last, once it is ready)."""
+        return self._get(self.hub.pids.remote())
 
     def result_ref(self, step: int, timeout_s: float) -> Any:
         return self.hub.result.remote(step, timeout_s)
@@ -195,21 +309,23 @@ def start_learner(cfg: Any, *, store: Any, resume: str | None, sync_backend: str
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from euphonium_ray.checkpoint import read_state
+
     c = cfg.cluster
-    hub = LearnerHub.remote(c.num_learners)
+    hub = LearnerHub.remote(c.num_learners, int(read_state(resume)["step"]) if resume else 0, resume)
     use_gpu = c.learner_gpus > 0
     resources = {"CPU": c.learner_cpus, **c.resources.get("learner", {})}
     if use_gpu:
         resources["GPU"] = c.learner_gpus
     trainer = TorchTrainer(
         learner_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "hub": hub, "store": store, "resume": resume,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "hub": hub, "store": store,
                            "sync_backend": sync_backend, "num_rollout_workers": c.num_rollout_workers},
         scaling_config=ScalingConfig(num_workers=c.num_learners, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy="PACK"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=TrainRunConfig(name=run_name, storage_path=storage_path,
-                                  failure_config=FailureConfig(max_failures=0)),
+                                  failure_config=FailureConfig(max_failures=c.max_learner_restarts)),
     )
     errors: list[BaseException] = []
 

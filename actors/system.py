@@ -172,6 +172,8 @@ class TrainingSystem:
         when the data-parallel ranks that hold full weights report different digests."""
         assert self.learner is not None
         stats = self.learner.result(step, self.cfg.cluster.timeouts.step_s)
+        for note in stats.pop("notes", []):  # a learner restarted by Ray Train (a lost worker) and what it replayed
+            self.log(f"step {step}: {note}")
         self.timings["learn"] = time.perf_counter() - self._learn_started.pop(step)
         # under FSDP only rank 0 gathers the full weights: the others report no digest
         if len({r["digest"] for r in stats.get("ranks", [stats]) if r.get("digest") is not None}) > 1:

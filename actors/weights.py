@@ -69,6 +69,12 @@ class WeightStore:
         self._changed = asyncio.Event()
         return self.version
 
+    async def rewind(self, version: int) -> None:
+        """A restarted learner starts again at ``version``: what its lost predecessor published went with it (the
+        objects were that process's), so every version is forgotten and the learner publishes again from here."""
+        self.version = int(version) - 1
+        self.history.clear()
+
     async def latest(self) -> tuple[int, list[Any], dict[str, Any]]:
         refs, meta = self.history.get(self.version, ([], {}))
         return self.version, refs, meta
@@ -131,14 +137,25 @@ class ObjectStoreSync:
         return {"bytes": float(state_nbytes(cpu)), "seconds": time.perf_counter() - t0}
 
     def fetch(self, min_version: int, current_version: int, timeout_s: float) -> tuple[int, dict[str, Tensor] | None]:
-        """(version, state) of version ``min_version`` exactly; state None when ``current_version`` is it."""
-        try:
-            version, refs, _ = ray.get(self.store.wait_for.remote(min_version, timeout_s))
-        except (TimeoutError, ray.exceptions.RayTaskError) as exc:
-            raise StaleWeightsError(f"need weight version ≥ {min_version}: {exc}") from None
-        if version == current_version:
-            return version, None
-        return version, ray.get(refs[0])
+        """(version, state) of version ``min_version`` exactly; state None when ``current_version`` is it. A version
+        whose object was lost with the learner that published it is waited for again: the restarted learner
+        publishes it anew (``WeightStore.rewind``)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                version, refs, _ = ray.get(self.store.wait_for.remote(min_version, max(deadline - time.monotonic(),
+                                                                                       0.001)))
+            except (TimeoutError, ray.exceptions.RayTaskError) as exc:
+                raise StaleWeightsError(f"need weight version ≥ {min_version}: {exc}") from None
+            if version == current_version:
+                return version, None
+            try:
+                return version, ray.get(refs[0])
+            except ray.exceptions.ObjectLostError:  # OwnerDiedError among them: the learner process is gone
+                if time.monotonic() > deadline:
+                    raise StaleWeightsError(f"weight version {min_version} was lost with the learner that published "
+                                            "it and not published again in time") from None
+                time.sleep(0.5)
 
 
 # -------------------------------------------------------------------------------------------- collective

@@ -373,6 +373,16 @@ def resolve_checkpoint(root_or_path: str | Path, which: str = "latest",
     raise CheckpointError(f"no complete checkpoint under {checkpoints_dir(root_or_path)}: " + "; ".join(skipped))
 
 
+def restart_checkpoint(root: str | Path, first: int, last: int, run_hash: str) -> Path | None:
+    """Where a restarted learner resumes: the newest checkpoint under ``root`` with a step in ``first..last`` that
+    this run wrote (its ``config_hash`` is ``run_hash``) and that passes ``checkpoint_problem``; None if there is none.
+    Newer ones are left alone: their steps were not taken by the driver yet, and the replay writes them again."""
+    for step, folder in reversed(list_checkpoints(root)):
+        if first <= step <= last and checkpoint_problem(folder) is None and read_state(folder).get("config_hash") == run_hash:
+            return folder
+    return None
+
+
 def load_checkpoint(
     path: str | Path,
     policy: Any | None = None,

@@ -289,6 +289,9 @@ class ClusterConfig(Section):
     object_store_memory: int | None = None
     max_actor_restarts: int = Field(default=2, ge=0)
     max_task_retries: int = Field(default=2, ge=0)
+    # learner worker processes lost (killed, node gone) that Ray Train restarts the learner after, each time from
+    # the run's newest checkpoint, the driver's kept batches replayed since (0: a lost learner ends the run)
+    max_learner_restarts: int = Field(default=2, ge=0)
     resources: dict[str, dict[str, float]] = Field(default_factory=dict)  # role -> custom resources (KubeRay groups)
     # how weights reach the rollout workers: "auto" is a collective (NCCL) broadcast when the learner and the
     # rollout workers have whole GPUs each, else the object store (NCCL refuses two members on one GPU)

@@ -12,7 +12,8 @@ PACKAGE = ROOT / "euphonium_ray"
 # The Ray glue: the actors (the top-level actors/ folder, installed as euphonium_ray.actors) and the modules that
 # drive them or talk to a Ray cluster. Everything else under euphonium_ray/ is the core.
 GLUE = {"euphonium_ray.actors", "euphonium_ray.actor_failure", "euphonium_ray.driver", "euphonium_ray.metrics",
-        "euphonium_ray.ray_output", "euphonium_ray.bench.ray_runs", "euphonium_ray.cli"}
+        "euphonium_ray.ray_output", "euphonium_ray.bench.ray_runs", "euphonium_ray.cli",
+        "euphonium_ray.fault_injection"}
 # The two doors from a core command into the glue, each a lazy import taken only when the user asks for Ray
 # (docs/architecture.md): ``preprocess --ray-workers`` and ``bench convergence --ray``.
 DOORS = {("euphonium_ray/preprocess.py", "euphonium_ray.actors.prompt_encoders"),
