@@ -198,7 +198,8 @@ def test_a_learner_that_fails_in_ray_train_is_one_line_naming_the_learner_and_it
                            torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}]), {})
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    _config(world, out, "steps=3").save(config)
+    # a rank's own error is final; restarts (cluster.max_learner_restarts) would only re-raise it, so none here
+    _config(world, out, "steps=3", "cluster.max_learner_restarts=0").save(config)
     assert main(["--config", str(config), "--no-env", "--no-progress", "--resume", str(step)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     log = out / "logs" / "train.log"
