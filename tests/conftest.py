@@ -35,7 +35,8 @@ def toy_world(base: Path) -> Path:
 
 
 def run_config(world: Path, out: Path, *sets: str) -> RunConfig:
-    """configs/toy.yaml made small: 2 prompts × 4 samples per step, 8 SDE steps, RGG from step 5."""
+    """configs/toy.yaml made small: 2 prompts × 4 samples per step, 8 SDE steps, RGG from step 5, a one-sample
+    ODE evaluation."""
     base = [
         f"model.path={world / 'toy-model'}",
         f"data.prompts={world / 'toy-model' / 'embeddings' / 'videos2caption.json'}", "data.eval_prompts=null",
@@ -44,6 +45,9 @@ def run_config(world: Path, out: Path, *sets: str) -> RunConfig:
         "steps=3", "data.prompts_per_step=2", "sampler.group_size=4", "sampler.num_steps=8", "rgg.start=5", "spsa.start=5",
         "optim.grad_accum=4", "cluster.num_cpus=2", "cluster.rollout_cpus=0.5", "cluster.learner_cpus=0.5",
         "output.save_every=100", "output.sample_every=100",
+        # the ODE evaluation before/after a run that evaluates (the CLI does): one prompt, one sample, as the tests
+        # that use it only need it to run; a test that measures with it sets its own size
+        "output.eval_count=1", "output.eval_samples_per_prompt=1",
         # the method these tests were written for (full fine-tuning, caption reward, normalised guidance of every
         # member, input-credited process rewards, distillation): pinned here, so the demo's tuning can move on
         "model.trainable=full", "rewards.orm.backend=toy", "rewards.latent_outcome=true", "rgg.scale_mode=fixed",

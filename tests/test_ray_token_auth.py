@@ -21,14 +21,24 @@ TOKEN = "test-token-0123456789abcdef"
 GRAFANA = "glsa_dummy_grafana_token"
 
 
-def _submit(dashboard: str, env: dict[str, str], home: Path) -> subprocess.CompletedProcess:
+def _submit(dashboard: str, env: dict[str, str], home: Path) -> subprocess.Popen:
+    """Start a `ray job submit` (the three submissions of the test run at once: each is mostly the CLI's start-up)."""
     ray_cli = Path(sys.executable).parent / "ray"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    return subprocess.run(
+    return subprocess.Popen(
         [str(ray_cli), "job", "submit", "--address", dashboard, "--",
          "python", "-c", "import os; print('grafana token seen by the job:', os.environ.get('GRAFANA_TOKEN'))"],
-        env={**clean, "HOME": str(home), **env}, capture_output=True, text=True, timeout=120,
+        env={**clean, "HOME": str(home), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def _finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_token_auth_refuses_job_submission_without_the_secrets_token_and_admits_the_submitters_env(tmp_path):
@@ -38,9 +48,10 @@ def test_token_auth_refuses_job_submission_without_the_secrets_token_and_admits_
     head, _ = start_head(tmpdir, "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", env=head_env)
     dashboard = f"http://127.0.0.1:{port}"
     try:
-        anonymous = _submit(dashboard, {"RAY_AUTH_MODE": "disabled"}, tmp_path)
-        wrong = _submit(dashboard, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "guessed"}, tmp_path)
-        submitter = _submit(dashboard, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, tmp_path)
+        started = [_submit(dashboard, {"RAY_AUTH_MODE": "disabled"}, tmp_path),
+                   _submit(dashboard, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "guessed"}, tmp_path),
+                   _submit(dashboard, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, tmp_path)]
+        anonymous, wrong, submitter = [_finished(p) for p in started]
     finally:
         stop_head(head)
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -98,23 +98,15 @@ def test_each_checkpoint_is_stored_once_not_copied_into_ray_trains_storage(basel
     assert not [p for p in train_storage if p.suffix == ".safetensors"], train_storage
 
 
-def test_resume_latest_gives_the_same_parameters_as_an_uninterrupted_run(baseline, tmp_path):
+@pytest.fixture(scope="module")
+def resumed_with_kills(baseline, tmp_path_factory):
+    """The baseline's config trained in two runs, the second resuming the first (``resume="latest"``), with a role
+    actor killed in each: the rollout worker while it samples step 1 (first run), an ORM scorer between sampling and
+    scoring of step 2 (the resumed run's first step). Both must end with exactly the baseline's weights, so one pair
+    of runs serves the resume test and the actor-failure test."""
+    out = tmp_path_factory.mktemp("resumed-with-kills")
     cfg = baseline["cfg"].model_copy(deep=True)
-    cfg.output.dir = str(tmp_path)
-    first = train(cfg.model_copy(update={"steps": STEPS // 2}), progress=False, evaluate=False)
-    assert [h["step"] for h in first["history"]] == list(range(STEPS // 2))
-    second = train(cfg, resume="latest", progress=False, evaluate=False)
-    assert [h["step"] for h in second["history"]] == list(range(STEPS // 2, STEPS))
-    ours, reference = _weights(tmp_path, STEPS), _weights(baseline["out"], STEPS)
-    assert ours.keys() == reference.keys()
-    assert all(torch.equal(ours[k], reference[k]) for k in ours)
-    reference_untrained = _weights(baseline["out"], STEPS // 2)
-    assert not all(torch.equal(ours[k], reference_untrained[k]) for k in ours)
-
-
-def test_killing_a_rollout_and_a_reward_actor_mid_step_loses_no_step(baseline, tmp_path):
-    cfg = baseline["cfg"].model_copy(deep=True)
-    cfg.output.dir = str(tmp_path)
+    cfg.output.dir = str(out)
     killed: list[str] = []
     pids: dict[str, int] = {}
 
@@ -138,13 +130,32 @@ def test_killing_a_rollout_and_a_reward_actor_mid_step_loses_no_step(baseline, t
         if event == "step_end" and step == 2:
             pids["orm_after"] = ray.get(system.roles.orm[0].ready.remote())["pid"]
 
-    summary = train(cfg, progress=False, on_event=on_event, evaluate=False)
-    assert killed == ["rollout", "orm"]
+    first = train(cfg.model_copy(update={"steps": STEPS // 2}), progress=False, on_event=on_event, evaluate=False)
+    second = train(cfg, resume="latest", progress=False, on_event=on_event, evaluate=False)
+    return {"out": out, "first": first, "second": second, "killed": killed, "pids": pids}
+
+
+def test_resume_latest_gives_the_same_parameters_as_an_uninterrupted_run(baseline, resumed_with_kills):
+    first, second = resumed_with_kills["first"], resumed_with_kills["second"]
+    assert [h["step"] for h in first["history"]] == list(range(STEPS // 2))
+    assert [h["step"] for h in second["history"]] == list(range(STEPS // 2, STEPS))
+    ours, reference = _weights(resumed_with_kills["out"], STEPS), _weights(baseline["out"], STEPS)
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    reference_untrained = _weights(baseline["out"], STEPS // 2)
+    assert not all(torch.equal(ours[k], reference_untrained[k]) for k in ours)
+
+
+def test_killing_a_rollout_and_a_reward_actor_mid_step_loses_no_step(baseline, resumed_with_kills):
+    pids = resumed_with_kills["pids"]
+    assert resumed_with_kills["killed"] == ["rollout", "orm"]
     assert pids["rollout_after"] != pids["rollout_before"] and pids["orm_after"] != pids["orm_before"]  # restarted
-    assert [h["step"] for h in summary["history"]] == list(range(STEPS))
+    runs = (resumed_with_kills["first"], resumed_with_kills["second"])
+    assert [h["step"] for run in runs for h in run["history"]] == list(range(STEPS))
     # per-sample seeds make the retried rollouts identical, so the run matches the undisturbed baseline
-    assert summary["rollout_orm"] == pytest.approx(baseline["summary"]["rollout_orm"], abs=1e-6)
-    ours, reference = _weights(tmp_path, STEPS), _weights(baseline["out"], STEPS)
+    rollout_orm = [r for run in runs for r in run["rollout_orm"]]
+    assert rollout_orm == pytest.approx(baseline["summary"]["rollout_orm"], abs=1e-6)
+    ours, reference = _weights(resumed_with_kills["out"], STEPS), _weights(baseline["out"], STEPS)
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
@@ -172,7 +183,7 @@ def test_short_euphonium_run_raises_the_toy_orm_reward(world, local_ray, tmp_pat
     cfg = run_config(world, tmp_path, "steps=8", "data.prompts_per_step=4", "sampler.group_size=8",
                      f"rewards.prm.path={prm}", "rgg.start=0", "rgg.scale=10.0", "rgg.normalize=true",
                      "optim.lr=2e-5", "optim.grad_accum=32", "optim.clip_range=0.01", "optim.distill_coef=1.0",
-                     "optim.kl_coef=0.0", "output.eval_samples_per_prompt=8")
+                     "optim.kl_coef=0.0", "output.eval_count=8", "output.eval_samples_per_prompt=8")
     summary = train(cfg, progress=False)
     before, after = summary["orm_eval_before"], summary["orm_eval_after"]
     print(f"toy ORM of ODE samples (16 prompts x 8): before {before:.4f} after {after:.4f}; rollouts per step "
@@ -271,8 +282,9 @@ def test_sigterm_finishes_the_step_exits_143_stops_its_ray_and_resume_latest_end
     assert (run / "checkpoints" / f"step-{last + 1}" / "state.json").is_file()  # the logs and the checkpoint agree
     assert not sorted((run / "checkpoints").glob(f"step-{last + 2}*"))  # and no checkpoint the logs never saw
     assert _gcs_servers() <= before  # the private Ray it started is gone
-    resumed = subprocess.run(cmd + ["--resume", "latest"], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=900)
+    # the resumed run joins this module's Ray (--address): what this test proves about stopping its own Ray is above
+    resumed = subprocess.run(cmd + ["--resume", "latest", "--address", ray.get_runtime_context().gcs_address],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [json.loads(line)["step"] for line in steps.read_text().splitlines()] == list(range(STEPS))
     ours, reference = _weights(run, STEPS), _weights(baseline["out"], STEPS)

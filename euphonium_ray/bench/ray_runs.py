@@ -125,7 +125,9 @@ def run_on_ray(world: BenchWorld, settings: BenchmarkSettings, configs: dict[str
                     rcfg = driver_config(cfg, world, train_index, seed, out / "driver" / task / method / f"seed-{seed}")
                     log(f"{task}/{method}/seed {seed}: driver.train on local Ray ({rcfg.steps} steps)")
                     hook = _RayRunLogger(task, method, seed, world, rcfg, settings, out, log)
-                    train(rcfg, progress=False, on_event=hook)
+                    # evaluate=False: the driver's own before/after ODE evaluation would go unused (the hook
+                    # evaluates on the benchmark's held-out prompts)
+                    train(rcfg, progress=False, on_event=hook, evaluate=False)
     finally:
         if started_ray:
             ray.shutdown()
