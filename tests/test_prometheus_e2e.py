@@ -273,7 +273,8 @@ def test_submitted_toy_training_exports_euphonium_metrics_to_a_real_prometheus(
     overrides = build_toy_world(work, head.env)
     overrides += [f"steps={TRAIN_STEPS}", f"output.dir={work / 'run'}", "output.eval_every=1",
                   "data.prompts_per_step=1", "sampler.group_size=4",
-                  "rewards.latent_outcome=true"]  # the dashboard's PRM panel plots the latent outcome score
+                  "rewards.latent_outcome=true",  # the dashboard's PRM panel plots the latent outcome score
+                  "output.eval_count=1", "output.eval_samples_per_prompt=1"]  # the demo's 8x16 ODE evaluation: 1x1
     submit = ["bash", str(REPO / "deploy" / "submit.sh"), "--address", head.address, "--submission-id", "e2e",
               "--", "--config", "configs/toy.yaml", *(a for o in overrides for a in ("--set", o))]
     out = subprocess.run(submit, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=1200)
