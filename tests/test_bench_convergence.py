@@ -264,6 +264,7 @@ def quick_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow  # the module's quick benchmark run (the suite's slowest fixture outside slow tests)
 def test_quick_in_process_run_writes_a_well_formed_report_table_and_plots(quick_run):
     out, report = quick_run
     settings = load_settings(DEFAULT_CONFIGS)
@@ -299,6 +300,7 @@ def test_quick_in_process_run_writes_a_well_formed_report_table_and_plots(quick_
                 assert steps[-1]["cum_seconds"] == pytest.approx(sum(s["seconds"] for s in steps))
 
 
+@pytest.mark.slow  # the module's quick benchmark run (the suite's slowest fixture outside slow tests)
 def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_run):
     """Step 0's logged training reward and held-out reward, recomputed from the model folder with library calls
     and the driver's own prompt/seed functions (the policy at step 0 is the base model)."""
@@ -345,6 +347,7 @@ def test_logged_rewards_equal_an_independent_rollout_and_ode_evaluation(quick_ru
         assert first_eval["heldout_reward"] == pytest.approx(float(held.mean()), abs=1e-6)
 
 
+@pytest.mark.slow  # the module's quick benchmark run (the suite's slowest fixture outside slow tests)
 def test_report_only_reanalyses_the_logs_to_the_same_numbers(quick_run):
     out, report = quick_run
     again = run_benchmark(ConvergenceOptions(out_dir=out, report_only=True), log=lambda _msg: None)
