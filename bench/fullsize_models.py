@@ -80,11 +80,29 @@ def _write_timed(path: Path, write: Callable[[], Any]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------- policy
+def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> Any:
+    """A random-init ``HunyuanVideoTransformer3DModel`` built straight in ``dtype`` on ``device`` (no fp32 copy of
+    13 B parameters), frozen, in eval mode."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = HunyuanVideoTransformer3DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    transformer.requires_grad_(False)
+    transformer.eval()
+    return transformer
+
+
 def build_policy_folder(root: Path, device: torch.device, *, tiny: bool, layers: int | None,
                         single_layers: int | None, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     """``root/transformer`` (bf16, random init, built on ``device``) and ``root/vae`` (fp32) written to disk.
     Returns the transformer (still on ``device``; the PRM is cut from it) and the cost report."""
-    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+    from diffusers import AutoencoderKLHunyuanVideo
 
     config = dict(TINY_TRANSFORMER if tiny else {})
     if layers is not None:
@@ -92,16 +110,8 @@ def build_policy_folder(root: Path, device: torch.device, *, tiny: bool, layers:
     if single_layers is not None:
         config["num_single_layers"] = single_layers
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(seed)
     t0 = time.perf_counter()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built straight in bf16 on the GPU: no fp32 copy of 13 B parameters
-    try:
-        with torch.device(device):
-            transformer = HunyuanVideoTransformer3DModel(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    transformer.requires_grad_(False)
+    transformer = build_transformer(config, device, dtype, seed)
     _sync(device)
     report: dict[str, Any] = {"build_s": time.perf_counter() - t0, "dtype": str(dtype).replace("torch.", ""),
                               "parameters": sum(p.numel() for p in transformer.parameters()),

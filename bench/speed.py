@@ -44,6 +44,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.fullsize_models import build_transformer  # noqa: E402
 from euphonium_ray.config import RunConfig, load_config  # noqa: E402
 from euphonium_ray.learning import compute_advantages, grpo_update  # noqa: E402
 from euphonium_ray.models.base import TextConditioning  # noqa: E402
@@ -185,22 +186,6 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def build_transformer(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> Any:
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built straight in bf16: the full model does not fit twice in fp32
-    try:
-        with torch.device(device):
-            transformer = HunyuanVideoTransformer3DModel(**shape)
-    finally:
-        torch.set_default_dtype(previous)
-    transformer.requires_grad_(False)
-    transformer.eval()
-    return transformer
-
-
 def make_cond(transformer: Any, batch: int, tokens: int, real_tokens: int, device: torch.device,
               dtype: torch.dtype, seed: int) -> TextConditioning:
     """One prompt for the whole group (its rows equal), ``real_tokens`` of ``tokens`` real."""
