@@ -9,8 +9,11 @@
 #   STAGE=pilots bash bench/gpu_protocol.sh               # A and B on the pilot tasks; the selections come back
 #   STAGE=variants bash bench/gpu_protocol.sh             # B alone, once A's pair is committed in base.yaml
 #   STAGE=final TASKS=centered bash bench/gpu_protocol.sh  # C on one task, after the selections are committed
+#   STAGE=final TASKS=caption CANDIDATES="prominence steady" bash bench/gpu_protocol.sh  # + amendment 2's task pilot
+#   STAGE=final TASKS=selected bash bench/gpu_protocol.sh  # C on the task that pilot chose
 #   . /tmp/site/env.sh && OUT=out STAGE=... bash bench/gpu_protocol.sh
 set -uo pipefail
+export PYTHONUNBUFFERED=1  # a stage killed by its time limit keeps its log
 OUT=${OUT:-outputs/protocol-out}
 W=${WORK:-/tmp/protocol}
 PY=${PY:-python3}
@@ -69,6 +72,35 @@ log "pilots done: commit the selections (base.yaml, euphonium-best.yaml, oracle-
 exit 0
 fi
 
+# Amendment 2: CANDIDATES="prominence steady" beside a final command trains each candidate task's PRM and pilots
+# DanceGRPO on it (pilot seeds, the final's budget); pilot_select.py task picks the one the final runs next
+# (TASKS=selected reads that choice and puts its PRM where benchmark.yaml expects it).
+if [ -n "${CANDIDATES:-}" ]; then
+  (
+    $PY -m euphonium_ray.cli toy build "$W/toy-model" >"$W/toy-build.log" 2>&1
+    for c in $CANDIDATES; do
+      timeout ${PRM_TIMEOUT:-420} $PY -m euphonium_ray.cli train-prm --model "$W/toy-model" \
+        --prompts "$W/toy-model/embeddings/videos2caption.json" --orm "toy-$c" --out "$W/prm-$c" --rollouts ${PRM_ROLLOUTS:-2048} \
+        --group-size 8 --dual-blocks 2 --single-blocks 2 --epochs ${PRM_EPOCHS:-20} --device "$DEVICE" --config configs/toy.yaml \
+        --set sampler.same_initial_noise=false >"$W/prm-$c.log" 2>&1 &
+    done
+    timeout ${T_TIMEOUT:-480} "${BENCH[@]}" "${EXTRA[@]}" --tasks $CANDIDATES --methods dance-grpo --seed-list $PILOT_SEEDS \
+      --seeds-per-unit 4 --workers 2 --max-minutes ${T_MINUTES:-7.2} --set steps=$FINAL_STEPS --out "$W/task-pilot" \
+      >"$W/task-pilot.log" 2>&1
+    wait
+    $PY -m euphonium_ray.cli bench convergence --report-only --out "$W/task-pilot" >"$W/task-pilot-report.log" 2>&1
+    $PY bench/pilot_select.py task --pilot "$W/task-pilot" --prms $(for c in $CANDIDATES; do echo "$W/prm-$c"; done) \
+      --out "$W/selected_task" >"$W/selected_task.log" 2>&1
+  ) &
+  CAND_PID=$!
+fi
+if [ "$TASKS" = selected ]; then
+  [ -f "$W/selected_task.txt" ] || { log "no $W/selected_task.txt: run a final command with CANDIDATES first"; exit 2; }
+  TASKS=$(cat "$W/selected_task.txt")
+  [ -d "euphonium_ray/toy/assets/prm-$TASKS" ] || cp -r "$W/prm-$TASKS" "euphonium_ray/toy/assets/prm-$TASKS"
+  log "task chosen by the candidates' pilot: $TASKS (PRM from $W/prm-$TASKS)"
+fi
+
 # C: the selections are committed in bench/configs/ (base.yaml carries the chosen baseline pair): no --set here.
 for f in euphonium-best oracle-control; do
   [ -f "bench/configs/$f.yaml" ] || { log "bench/configs/$f.yaml is missing: run and commit STAGE=pilots first"; exit 2; }
@@ -87,4 +119,11 @@ wait
 [ "$TASKS" = centered ] && $PY -m euphonium_ray.cli bench convergence --report-only --out "$W/final-ray" >"$W/final-ray-report.log" 2>&1
 grep -E "^### task|^\| (flow|dance|euphonium|oracle)" "$W/final-report.log" | tee -a "$OUT/protocol.log"
 pack "final-$TASKS" final final.log final-report.log final-ray final-ray.log final-ray-report.log
+if [ -n "${CAND_PID:-}" ]; then
+  wait "$CAND_PID" 2>/dev/null  # (the final's own wait may have reaped it already)
+  cat "$W/selected_task.log" | tee -a "$OUT/protocol.log"
+  for c in $CANDIDATES; do log "prm $c: $(tail -1 "$W/prm-$c.log")"; done
+  pack candidates task-pilot task-pilot.log task-pilot-report.log selected_task.json selected_task.txt \
+    selected_task.log $(cd "$W" && ls -d prm-* prm-*.log 2>/dev/null)
+fi
 log "done"

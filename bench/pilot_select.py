@@ -4,12 +4,14 @@
 held-out gain at the last evaluation every configuration completed, averaged over tasks and pilot seeds; writes the
 ``--set`` overrides that every later run uses. ``variant``: among the learned-PRM Euphonium variants, the one with
 the highest mean over tasks of the paired held-out AUC difference to DanceGRPO; writes
-``bench/configs/euphonium-best.yaml`` and ``bench/configs/oracle-control.yaml``. Both write a JSON of every number
-they compared.
+``bench/configs/euphonium-best.yaml`` and ``bench/configs/oracle-control.yaml``. ``task`` (amendment 2): among candidate preference tasks, the one whose
+DanceGRPO pilot gains most on held-out prompts, among those whose latent PRM meets the ranking bar (all of them if
+none does); writes its name. Each writes a JSON of every number it compared.
 
     python bench/pilot_select.py baseline --grid OUT/grid-* --out OUT/selected_base
     python bench/pilot_select.py variant --pilot OUT/variants --sets OUT/selected_base.sets --out OUT/selected_variant
     python bench/pilot_select.py apply --sets OUT/selected_base.sets   # the chosen pair into bench/configs/base.yaml
+    python bench/pilot_select.py task --pilot OUT/task-pilot --prms OUT/prm-prominence OUT/prm-steady --out OUT/selected_task
 """
 
 from __future__ import annotations
@@ -99,6 +101,51 @@ def select_variant(pilot: Path, out: Path, configs: Path = CONFIGS) -> dict:
     return result
 
 
+RANKING_BAR = 0.6  # PROTOCOL.md: mean within-group Pearson correlation over the steps with 0 < sigma <= 0.6
+GAIN_BAR = 0.10    # PROTOCOL.md: DanceGRPO's held-out gain within the budget
+
+
+def prm_ranking(prm_folder: Path) -> float:
+    """The PRM's published ranking quality (``metrics.json``: within-group correlation at sigma <= 0.6)."""
+    metrics = json.loads((prm_folder / "metrics.json").read_text())
+    return float(metrics["heldout"]["sigma_le_0.6"]["mean_per_step_within_group_pearson"])
+
+
+def select_task(pilot: Path, prms: list[Path], out: Path) -> dict:
+    """Amendment 2's rule: the candidate task with the highest DanceGRPO held-out gain at the last evaluation every
+    pilot run completed (mean over pilot seeds), among the candidates whose PRM meets the ranking bar."""
+    logs = [lg for lg in records.load_logs(pilot) if lg.method == "dance-grpo"]
+    if not logs:
+        raise SystemExit(f"no dance-grpo pilot run in {pilot}")
+    last = min(max(e["step"] for e in lg.evals) for lg in logs)
+    if last <= 0:
+        raise SystemExit(f"{pilot}: no evaluation after step 0 is shared by every pilot run")
+    gains = _gain_at(logs, last)
+    ranking = {}
+    for folder in prms:
+        task = folder.name.removeprefix("prm-")
+        try:
+            ranking[task] = prm_ranking(folder)
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"WARNING: {folder}: no ranking metric ({exc}); counted as missing the bar")
+            ranking[task] = float("nan")
+    table = {t: {"dance_grpo_gain": g, "gain_bar_met": g >= GAIN_BAR, "prm_within_group_r": ranking.get(t),
+                 "ranking_bar_met": bool(ranking.get(t, 0.0) >= RANKING_BAR)} for t, g in gains.items()}
+    eligible = [t for t in table if table[t]["ranking_bar_met"]] or list(table)
+    best = max(eligible, key=lambda t: table[t]["dance_grpo_gain"])
+    result = {"rule": "highest dance-grpo held-out gain at the last common evaluation (mean over pilot seeds) among "
+                      "candidates whose PRM meets the ranking bar (all candidates if none does)",
+              "evaluated_at_step": last, "gain_bar": GAIN_BAR, "ranking_bar": RANKING_BAR, "tasks": table,
+              "chosen": best}
+    out.with_suffix(".json").write_text(json.dumps(records.json_safe(result), indent=2) + "\n")
+    out.with_suffix(".txt").write_text(best + "\n")
+    print(f"task pilot at step {last}: " + "; ".join(
+        f"{t} gain {r['dance_grpo_gain']:+.4f} (bar {'met' if r['gain_bar_met'] else 'missed'}), PRM r "
+        f"{r['prm_within_group_r']} (bar {'met' if r['ranking_bar_met'] else 'missed'})" for t, r in table.items()))
+    print(f"chosen: {best}")
+    return result
+
+
 def apply_baseline(sets_file: Path, base: Path = CONFIGS / "base.yaml") -> list[str]:
     """Write the chosen baseline pair into ``base.yaml`` in place (its comments kept), so the final run reads it."""
     text = base.read_text()
@@ -128,11 +175,17 @@ def main() -> int:
     ap = sub.add_parser("apply")
     ap.add_argument("--sets", type=Path, required=True)
     ap.add_argument("--base", type=Path, default=CONFIGS / "base.yaml")
+    t = sub.add_parser("task")
+    t.add_argument("--pilot", type=Path, required=True)
+    t.add_argument("--prms", type=Path, nargs="+", required=True)
+    t.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.what == "baseline":
         select_baseline(a.grid, a.out)
     elif a.what == "apply":
         apply_baseline(a.sets, a.base)
+    elif a.what == "task":
+        select_task(a.pilot, a.prms, a.out)
     else:
         select_variant(a.pilot, a.out, a.configs)
     return 0

@@ -176,6 +176,8 @@ ORMS = Registry("outcome reward", {
     "toy-caption": "euphonium_ray.toy.rewards:caption_reward",
     "toy-centered": "euphonium_ray.toy.rewards:centered_reward",
     "toy-motion": "euphonium_ray.toy.rewards:motion_reward",
+    "toy-prominence": "euphonium_ray.toy.rewards:prominence_reward",
+    "toy-steady": "euphonium_ray.toy.rewards:steady_reward",
     "solireward": "euphonium_ray.models.orm_solireward:SoliRewardORM.from_run_config",
     "vllm": "euphonium_ray.models.orm_vllm:VLLMJudgeORM.from_run_config",
 })
