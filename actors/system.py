@@ -29,6 +29,7 @@ from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.sampling import sample_seed, seeds_for
 from euphonium_ray.step import LearnBatch, Rewards, score, split_for_learners
 from euphonium_ray.trajectory import Trajectories, group_rows
+from euphonium_ray.wire import pack, unpack
 
 __all__ = ["StepBatch", "TrainingSystem"]
 
@@ -126,7 +127,7 @@ class TrainingSystem:
             rows = group_rows(groups, g)
             idx = rows.tolist()
             requests.append({
-                "step": step, "version": version, "cond": cond.index(rows).as_dict(),
+                "step": step, "version": version, "cond": pack(cond.index(rows).as_dict()),
                 "captions": [captions[i] for i in idx], "prompt_indices": [prompt_rows[i] for i in idx],
                 "seeds": [seeds[i] for i in idx], "latent_shape": self.latent_shape,
             })
@@ -137,11 +138,14 @@ class TrainingSystem:
         (they run in parallel: the slowest is the critical path)."""
         t0 = time.perf_counter()
         results = self._gather("sample", self._requests(step, version, prompts))
-        traj = Trajectories.cat([Trajectories.from_dict(r["traj"]) for r in results])
+        t1 = time.perf_counter()
+        # read-only views of the object store's copy: the driver only reads a rollout (selects and cats copy)
+        traj = Trajectories.cat([Trajectories.from_dict(unpack(r["traj"], writable=False)) for r in results])
         timings: dict[str, float] = {}
         for r in results:
             for k, v in r["timings"].items():
                 timings[k] = max(timings.get(k, 0.0), v)
+        timings["unpack"] = time.perf_counter() - t1
         timings["rollout"] = time.perf_counter() - t0
         return StepBatch(step, version, traj, timings=timings)
 
@@ -164,8 +168,11 @@ class TrainingSystem:
         if left_out:
             self.log(f"step {step}: {left_out} group(s) left out to split evenly over "
                      f"{self.cfg.cluster.num_learners} learners")
-        self.learner.submit(step, [[ray.put({"traj": s.traj.to_dict() if s.traj is not None else None,
-                                             "terms": s.terms})] for s in shards])
+        t0 = time.perf_counter()
+        # numpy payloads (``wire``): one copy into shared memory here, read in place by the learner
+        self.learner.submit(step, [[ray.put(pack({"traj": s.traj.to_dict() if s.traj is not None else None,
+                                                  "terms": s.terms}))] for s in shards])
+        self.timings["learn_submit"] = time.perf_counter() - t0
 
     def learned(self, step: int) -> dict[str, Any]:
         """The learner's statistics for ``step`` (and ``learn`` seconds since it was handed over); stops the run
@@ -207,10 +214,10 @@ class TrainingSystem:
         cond = cond.repeat_interleave(samples_per_prompt)
         captions = [c for c in captions for _ in range(samples_per_prompt)]
         chunks = torch.arange(len(rows)).tensor_split(min(len(self.rollout_workers), len(rows)))
-        requests = [{"version": version, "cond": cond.index(c).as_dict(), "latent_shape": self.latent_shape,
+        requests = [{"version": version, "cond": pack(cond.index(c).as_dict()), "latent_shape": self.latent_shape,
                      "seeds": [sample_seed(seed, -1, int(rows[i]), members[i]) for i in c.tolist()]}
                     for c in chunks]
-        latents = torch.cat(self._gather("evaluate", requests))
+        latents = torch.cat([unpack(x) for x in self._gather("evaluate", requests)])
         return self.orm_pool.map_rows("score_latents", latents, captions)
 
     def decode(self, latents: Tensor) -> Tensor:
