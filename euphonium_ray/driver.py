@@ -328,7 +328,7 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             # async: the next step's rollouts (weights `step`, published when step-1 was learned) start before this
             # step's batch is even handed over, and run while the learner learns it
             feed.prefetch(step + 1)
-            system.learn(step, learning_batch(batch.traj, adv))
+            system.learn(step, learning_batch(batch.traj, adv), batch.sources)
             stats = system.learned(step)
             if feed.ahead:  # the section in which sampling step+1 and learning step may run at the same time
                 log.timings["overlap_section"] = time.perf_counter() - t_overlap

@@ -164,7 +164,7 @@ class Trajectories:
             for name in self._tensor_fields()
             if name not in ("sigmas", "guided_steps")
         }
-        captions = [self.captions[int(i)] for i in idx] if self.captions else []
+        captions = [self.captions[i] for i in idx.tolist()] if self.captions else []  # one device read, not B
         group_size = self.group_size if len(idx) % self.group_size == 0 else 1
         return replace(self, **per_sample, cond=self.cond.index(idx.to(self.cond.prompt_embeds.device)),
                        captions=captions, group_size=group_size)
