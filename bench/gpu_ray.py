@@ -186,6 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
                       f"step k+1 took {a['overlap']['sampling_s']:.3f} s and learning step k "
                       f"{a['overlap']['learner_s']:.3f} s: {a['overlap']['overlap_s']:.3f} s ran at the same time "
                       f"({100 * a['overlap']['overlap_fraction']:.0f}% of the shorter)."]
+    for name, row in result.get("spans", {}).items():
+        lines += ["", f"Spans of `{name}` inside the phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())]
     lines += ["", "Importance ratio of each step's first update (clip range 1 ± "
               f"{result['setup']['clip_range']}):", "", "| run | min | max | steps within clip |", "|---|---|---|---|"]
     for name, r in result["ratios"].items():
