@@ -107,7 +107,8 @@ def overlap(rows: list[dict[str, float]], lo: int, hi: int) -> dict[str, float]:
     """In async step k the driver starts sampling and scoring step k+1, sends step k to the learner, then waits for
     the learner: that section (``overlap_section[k]``, from the start of sampling; ``learn[k]`` where a run did not
     record it) holds ``rollout[k+1] + reward[k+1]`` seconds of sampling and ``learn_seconds[k]`` of learner compute;
-    what it is shorter than their sum ran at the same time."""
+    what it is shorter than their sum ran at the same time. (Sampling that outlasts the section, the learner being
+    the shorter side, leaves the learner's whole time overlapped: both started at the section's start.)"""
     per_step = []
     for k in range(lo, min(hi, len(rows) - 1)):
         sampling = rows[k + 1]["rollout"] + rows[k + 1]["reward"]
