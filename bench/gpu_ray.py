@@ -68,13 +68,13 @@ def for_mode(cfg: RunConfig, mode: str, work: Path) -> RunConfig:
     return out
 
 
-def object_store_bytes(traj_bytes: int = 0) -> int:
-    """2 GiB, or room for six of a step's trajectories when that is more (the rollouts and the learner's copy of
-    two steps in flight, in async mode), in /dev/shm when it has room for it; else half of what it has (at least
-    512 MiB; Ray then puts the store in its temp dir, slower, and says so)."""
+def object_store_bytes(traj_bytes: int = 0, steps: int = 0) -> int:
+    """2 GiB, or room for every step's rollouts when that is more (the learner's hub keeps each step's batch, which
+    names the rollouts, until the next checkpoint: none inside the bench's steps), in /dev/shm when it has room for
+    it; else half of what it has (at least 512 MiB; Ray then puts the store in its temp dir, slower, and says so)."""
     st = os.statvfs("/dev/shm")
     free = st.f_bavail * st.f_frsize
-    want = max(2 * 1024**3, 6 * traj_bytes)
+    want = max(2 * 1024**3, (steps + 3) * traj_bytes)
     return want if free >= 1.1 * want else max(512 * 1024**2, free // 2)
 
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                  "weight_sync": cfg.cluster.weight_sync_backend(), "torch": torch.__version__, "ray": ray.__version__,
                  "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus}
         setup["trajectory_bytes"] = trajectory_bytes(cfg, setup["batch"]) if Path(cfg.model.path).is_dir() else 0
-        setup["object_store_bytes"] = object_store_bytes(setup["trajectory_bytes"])
+        setup["object_store_bytes"] = object_store_bytes(setup["trajectory_bytes"], args.steps)
         log(f"batch: {args.prompts} prompts x {args.group} videos = {setup['batch']} videos per step, "
             f"{cfg.sampler.num_steps} SDE steps; a step's latent paths {setup['trajectory_bytes'] / 1e6:.0f} MB")
         log(f"setup {json.dumps(setup)}")
