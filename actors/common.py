@@ -38,15 +38,20 @@ def memory_report(device: torch.device) -> dict[str, float]:
 
 
 CACHE_KEPT_BYTES = 1 << 30  # below this much cached-but-free memory, keep it (re-allocating costs time)
+FREE_FRACTION_KEPT = 0.25  # while the device has this fraction free, no role is short of memory: keep the cache
 
 
 def release_cached_memory(device: torch.device, gpus: float) -> None:
-    """Give cached CUDA blocks back when this process shares its GPU with other roles (a fractional share) and holds
-    more than ``CACHE_KEPT_BYTES`` of them unused: what one role's allocator keeps after its phase is memory
-    another role's phase may need (a full-size rollout leaves GiBs of activations cached; the toy world, little)."""
+    """Give cached CUDA blocks back when this process shares its GPU with other roles (a fractional share), holds
+    more than ``CACHE_KEPT_BYTES`` of them unused, and the device is short of free memory (under
+    ``FREE_FRACTION_KEPT`` of it): what one role's allocator keeps after its phase is memory another role's phase
+    may need (a full-size rollout leaves GiBs of activations cached). With room to spare (the toy world on an
+    H200) the cache stays: emptying it made every phase allocate its activations afresh, each step."""
     if device.type == "cuda" and 0 < gpus < 1:
         if torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) > CACHE_KEPT_BYTES:
-            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(device)
+            if free < FREE_FRACTION_KEPT * total:
+                torch.cuda.empty_cache()
 
 
 def config_from(payload: dict[str, Any] | RunConfig) -> RunConfig:

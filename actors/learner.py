@@ -24,6 +24,7 @@ from euphonium_ray.actors.weights import make_weight_sync
 from euphonium_ray.checkpoint import state_digest
 from euphonium_ray.step import LearnBatch
 from euphonium_ray.trajectory import Trajectories
+from euphonium_ray.wire import unpack
 
 __all__ = ["LearnerClient", "LearnerHub", "learner_loop", "start_learner"]
 
@@ -245,10 +246,18 @@ def _serve(job: dict[str, Any], learner: Any, hub: Any, sync: Any, rank: int, ge
     import ray.train
 
     step, shard = int(job["step"]), job["shard"]
+    t0 = time.perf_counter()
     batch = ray.get(shard[0]) if isinstance(shard, list) else shard  # [ObjectRef]: fetched here, not via the hub
-    done = learner.step(step, LearnBatch(Trajectories.from_dict(batch["traj"]) if batch["traj"] is not None else None,
-                                         [(float(w), a) for w, a in batch["terms"]]))
+    batch = unpack(batch, device)  # out of shared memory straight onto the learner's device
+    if "sources" in batch:  # the rollout workers' answers and this rank's rows of them (selected on the device)
+        parts = [Trajectories.from_dict(unpack(answer["traj"], device)) for answer in ray.get(batch["sources"])]
+        traj: Trajectories | None = Trajectories.cat(parts).select(batch["rows"].to(device))
+    else:
+        traj = Trajectories.from_dict(batch["traj"]) if batch["traj"] is not None else None
+    fetched = time.perf_counter() - t0
+    done = learner.step(step, LearnBatch(traj, [(float(w), a) for w, a in batch["terms"]]))
     stats = done.stats
+    stats["batch_fetch_seconds"] = fetched
     stats.update({k: v for k, v in memory_report(device).items() if k.startswith("gpu_")})
     release_cached_memory(device, learner.cfg.cluster.learner_gpus)
     if sync is not None and sync.backend == "object_store":

@@ -26,6 +26,7 @@ from euphonium_ray.actors.common import actor_device, config_from, memory_report
 from euphonium_ray.roles import build_orm, load_codec_for, load_prm
 from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.reward_failures import FailureNotes, score_isolating_failures
+from euphonium_ray.wire import pack, unpack
 
 __all__ = ["ORMScorer", "PRMScorer", "ScorerPool"]
 
@@ -57,6 +58,7 @@ class PRMScorer:
         return {**memory_report(self.device), "load_seconds": self.load_seconds}
 
     def score(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        latents, sigma, cond = unpack((latents, sigma, cond), self.device)  # tensors or ``wire.pack``ed
         c = TextConditioning.from_dict(cond).to(self.device)
         out = self.prm.score(latents.to(self.device), sigma.to(self.device), c).float().cpu()
         release_cached_memory(self.device, self.gpus)
@@ -64,12 +66,14 @@ class PRMScorer:
 
     def score_clean(self, latents: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """The latent outcome reward: the PRM on clean latents (x̂0) at σ = 0."""
+        latents = unpack(latents, self.device)
         return self.score(latents, torch.zeros(latents.shape[0]), cond)
 
     def score_and_grad(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        latents, sigma, cond = unpack((latents, sigma, cond), self.device)
         c = TextConditioning.from_dict(cond).to(self.device)
         score, grad = self.prm.score_and_grad(latents.to(self.device), sigma.to(self.device), c)
-        out = score.float().cpu(), grad.float().cpu()
+        out = pack((score.float(), grad.float()))  # ``wire``: the gradient is latent-sized
         release_cached_memory(self.device, self.gpus)
         return out
 
@@ -100,21 +104,29 @@ class ORMScorer:
         return {**memory_report(self.device), "load_seconds": self.load_seconds}
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Pixels of each latent, one video at a time: a full-size VAE's decode activations grow with the batch
-        (a group of 8 at 480x480x29 would hold eight times one video's), and videos do not interact in it."""
+        """Pixels (on the CPU) of each latent."""
+        return self._decode(unpack(latents, self.device)).cpu()
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        """Pixels on this actor's device, ``rewards.orm.decode_batch`` videos per codec call (1: a full-size VAE's
+        decode activations grow with the batch, a group of 8 at 480x480x29 would hold eight times one video's;
+        0: the whole request in one call, for a small codec whose per-call cost dominates). Videos do not
+        interact in a decode."""
+        n = latents.shape[0]
+        size = self.cfg.rewards.orm.decode_batch or max(n, 1)
         with torch.no_grad():
-            return torch.cat([self.codec.decode(latents[i:i + 1].to(self.device)).float().cpu()
-                              for i in range(latents.shape[0])]) if latents.shape[0] else torch.zeros(0)
+            return torch.cat([self.codec.decode(latents[i:i + size].to(self.device)).float()
+                              for i in range(0, n, size)]) if n else torch.zeros(0, device=self.device)
 
     def score_videos(self, videos: Tensor, captions: list[str]) -> Tensor:
-        finite = torch.isfinite(videos.flatten(1)).all(dim=1)
+        finite = torch.isfinite(videos.flatten(1)).all(dim=1).cpu()
         scores = torch.full((videos.shape[0],), float("nan"))
         rows = finite.nonzero().flatten()
         for bad in (~finite).nonzero().flatten().tolist():
             self.failures += 1
             log.warning("ORM: video %d (%r) has non-finite pixels; its reward is NaN", bad, captions[bad])
         if rows.numel():  # a scorer exception costs the video it failed on, not the batch
-            scores[rows] = score_isolating_failures(self.orm.score, videos[rows].to(self.device),
+            scores[rows] = score_isolating_failures(self.orm.score, videos[rows.to(videos.device)].to(self.device),
                                                     [captions[i] for i in rows.tolist()], self.scorer_failures)
         return scores
 
@@ -124,7 +136,7 @@ class ORMScorer:
 
     def score_latents(self, latents: Tensor, captions: list[str]) -> Tensor:
         """Decode then score; latents (B, C, T, h, w) in the DiT's latent space."""
-        scores = self.score_videos(self.decode(latents), captions)
+        scores = self.score_videos(self._decode(unpack(latents, self.device)), captions)
         release_cached_memory(self.device, self.gpus)
         return scores
 
@@ -178,7 +190,7 @@ class ScorerPool:
             i = self._pick()
             self._inflight[i] += 1
             try:
-                return ray.get(getattr(self.actors[i], method).remote(*args))
+                return ray.get(getattr(self.actors[i], method).remote(*pack(args)))
             except RETRYABLE:
                 if attempt == self.retries:
                     raise
@@ -199,7 +211,7 @@ class ScorerPool:
         size = chunk or max(1, -(-n // len(self.actors)))
         calls = []
         for s in range(0, n, size):
-            args = tuple(_rows(a, s, s + size) for a in row_args)
+            args = pack(tuple(_rows(a, s, s + size) for a in row_args))  # numpy payloads: no torch pickling
             i = self._pick()
             self._inflight[i] += 1
             calls.append((i, getattr(self.actors[i], method).remote(*args), args))
@@ -220,8 +232,7 @@ class ScorerPool:
 
         def score_and_grad(latents: Tensor, sigma: Tensor, cond: TextConditioning) -> tuple[Tensor, Tensor]:
             device = latents.device
-            score, grad = self.run("score_and_grad", latents.detach().cpu(), sigma.detach().cpu(),
-                                   cond.to("cpu").as_dict())
+            score, grad = unpack(self.run("score_and_grad", latents.detach(), sigma.detach(), cond.as_dict()), device)
             return score.to(device), grad.to(device)
 
         return score_and_grad

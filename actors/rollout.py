@@ -24,6 +24,7 @@ from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.roles import load_codec_for, load_policy, load_prm
 from euphonium_ray.sampling import make_generators, sample_latents
 from euphonium_ray.step import rollout
+from euphonium_ray.wire import pack, unpack
 
 __all__ = ["RolloutWorker", "max_staleness"]
 
@@ -117,13 +118,14 @@ class RolloutWorker:
 
         def score(points: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             caps = [captions[int(r)] for r in rows]
-            return self.orm_pool.map_rows("score_latents", points.detach().cpu(), caps).to(points.device)
+            return self.orm_pool.map_rows("score_latents", points.detach(), caps).to(points.device)
 
         return score
 
     def sample(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Sample the request's groups. Request: ``step``, ``version``, ``cond`` (dict, B rows, groups contiguous),
-        ``captions``, ``prompt_indices``, ``seeds`` (B,), ``latent_shape``."""
+        """Sample the request's groups. Request: ``step``, ``version``, ``cond`` (dict, B rows, groups contiguous,
+        tensors or ``wire.pack``ed), ``captions``, ``prompt_indices``, ``seeds`` (B,), ``latent_shape``. The
+        trajectory comes back ``wire.pack``ed."""
         step, version = int(request["step"]), int(request["version"])
         allowed = step - max_staleness(self.cfg.cluster.mode)
         if version < allowed:
@@ -134,7 +136,7 @@ class RolloutWorker:
         sync = self.load_weights(version)
         timings: dict[str, float] = {"weights": sync["seconds"]}
         t0 = time.perf_counter()
-        cond = TextConditioning.from_dict(request["cond"]).to(self.device)
+        cond = TextConditioning.from_dict(unpack(request["cond"], self.device)).to(self.device)
         captions = list(request["captions"])
         traj = rollout(self.policy, cond, self.cfg, prm=self._prm(), latent_shape=request["latent_shape"],
                        seeds=request["seeds"], prompt_indices=request["prompt_indices"], captions=captions,
@@ -146,18 +148,22 @@ class RolloutWorker:
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         self._metric("euphonium_gpu_memory_bytes", float(gpu))
         traj = traj.without(*unused_by_learner(self.cfg))  # what the learner never reads does not travel
-        out = {"traj": traj.cpu().to_dict(), "timings": timings, "worker": self.index, "pid": os.getpid()}
+        t1 = time.perf_counter()
+        packed = pack(traj.to_dict())  # numpy payloads: the object store holds them without torch's pickling
+        timings["pack"] = time.perf_counter() - t1
+        out = {"traj": packed, "timings": timings, "worker": self.index, "pid": os.getpid()}
         del traj
         release_cached_memory(self.device, self.gpus)
         return out
 
-    def evaluate(self, request: dict[str, Any]) -> torch.Tensor:
-        """Plain ODE samples (what inference uses, no PRM) with weight ``version``: final latents (B, ...)."""
+    def evaluate(self, request: dict[str, Any]) -> Any:
+        """Plain ODE samples (what inference uses, no PRM) with weight ``version``: final latents (B, ...), packed
+        for the object store (``wire.unpack``)."""
         self.load_weights(int(request["version"]))
-        cond = TextConditioning.from_dict(request["cond"]).to(self.device)
+        cond = TextConditioning.from_dict(unpack(request["cond"], self.device)).to(self.device)
         x = sample_latents(self.policy, cond, latent_shape=request["latent_shape"],
                            num_steps=self.cfg.sampler.num_steps, shift=self.cfg.sampler.shift, noise_type="ode",
                            generator=make_generators(request["seeds"]))
-        x = x.cpu()
+        out = pack(x)
         release_cached_memory(self.device, self.gpus)
-        return x
+        return out

@@ -29,6 +29,7 @@ from euphonium_ray.models.base import TextConditioning
 from euphonium_ray.sampling import sample_seed, seeds_for
 from euphonium_ray.step import LearnBatch, Rewards, score, split_for_learners
 from euphonium_ray.trajectory import Trajectories, group_rows
+from euphonium_ray.wire import pack, unpack
 
 __all__ = ["StepBatch", "TrainingSystem"]
 
@@ -43,6 +44,7 @@ class StepBatch:
     traj: Trajectories
     rewards: Rewards | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    sources: list[Any] = field(default_factory=list)  # the rollout workers' results (ObjectRefs), in ``traj`` order
 
     @property
     def orm(self) -> Tensor:
@@ -89,10 +91,15 @@ class TrainingSystem:
     # ------------------------------------------------------------------------------------- fault tolerance
     def _call(self, worker_index: int, method: str, *args: Any) -> Any:
         """Call a rollout worker and wait; if the actor died mid-call, wait for its restart and call again."""
+        return self._call_ref(worker_index, method, *args)[1]
+
+    def _call_ref(self, worker_index: int, method: str, *args: Any) -> tuple[Any, Any]:
+        """``_call``, and the ObjectRef of the answer it returns."""
         for attempt in range(self.retries + 1):
             worker = self.rollout_workers[worker_index]
             try:
-                return ray.get(getattr(worker, method).remote(*args))
+                ref = getattr(worker, method).remote(*args)
+                return ref, ray.get(ref)
             except RETRYABLE as exc:
                 if attempt == self.retries:
                     raise
@@ -102,14 +109,18 @@ class TrainingSystem:
 
     def _gather(self, method: str, requests: list[dict[str, Any]]) -> list[Any]:
         """Send one request per worker in parallel; retry any whose actor died."""
+        return [value for _, value in self._gather_refs(method, requests)]
+
+    def _gather_refs(self, method: str, requests: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+        """``_gather``, each answer with its ObjectRef (the driver owns it: it outlives the worker)."""
         refs = [getattr(self.rollout_workers[i], method).remote(r) for i, r in enumerate(requests)]
         out = []
         for i, ref in enumerate(refs):
             try:
-                out.append(ray.get(ref))
+                out.append((ref, ray.get(ref)))
             except RETRYABLE as exc:
                 self.log(f"rollout worker {i} failed during {method} ({type(exc).__name__}); retrying on its restart")
-                out.append(self._call(i, method, requests[i]))
+                out.append(self._call_ref(i, method, requests[i]))
         return out
 
     # ---------------------------------------------------------------------------------------------- phases
@@ -126,7 +137,7 @@ class TrainingSystem:
             rows = group_rows(groups, g)
             idx = rows.tolist()
             requests.append({
-                "step": step, "version": version, "cond": cond.index(rows).as_dict(),
+                "step": step, "version": version, "cond": pack(cond.index(rows).as_dict()),
                 "captions": [captions[i] for i in idx], "prompt_indices": [prompt_rows[i] for i in idx],
                 "seeds": [seeds[i] for i in idx], "latent_shape": self.latent_shape,
             })
@@ -136,14 +147,18 @@ class TrainingSystem:
         """``prompts``' groups sampled with weight ``version``; the workers' phase seconds are the slowest one's
         (they run in parallel: the slowest is the critical path)."""
         t0 = time.perf_counter()
-        results = self._gather("sample", self._requests(step, version, prompts))
-        traj = Trajectories.cat([Trajectories.from_dict(r["traj"]) for r in results])
+        answers = self._gather_refs("sample", self._requests(step, version, prompts))
+        results = [value for _, value in answers]
+        t1 = time.perf_counter()
+        # read-only views of the object store's copy: the driver only reads a rollout (selects and cats copy)
+        traj = Trajectories.cat([Trajectories.from_dict(unpack(r["traj"], writable=False)) for r in results])
         timings: dict[str, float] = {}
         for r in results:
             for k, v in r["timings"].items():
                 timings[k] = max(timings.get(k, 0.0), v)
+        timings["unpack"] = time.perf_counter() - t1
         timings["rollout"] = time.perf_counter() - t0
-        return StepBatch(step, version, traj, timings=timings)
+        return StepBatch(step, version, traj, timings=timings, sources=[ref for ref, _ in answers])
 
     def score(self, batch: StepBatch) -> StepBatch:
         """The batch with its outcome rewards (``step.score`` through the scorer pools); NaN where a scorer could
@@ -156,16 +171,23 @@ class TrainingSystem:
         batch.timings["reward"] = time.perf_counter() - t0
         return batch
 
-    def learn(self, step: int, batch: LearnBatch) -> None:
-        """Hand ``batch`` to the learner ranks, its groups split evenly over them (non-blocking)."""
+    def learn(self, step: int, batch: LearnBatch, sources: list[Any] | None = None) -> None:
+        """Hand ``batch`` to the learner ranks, its groups split evenly over them (non-blocking). With ``sources``
+        (``StepBatch.sources``: the rollouts ``batch`` was taken from) a rank is sent those and its rows, and reads
+        the latent paths from the rollout workers' answers itself: they do not cross the object store again."""
         assert self.learner is not None
         self._learn_started[step] = time.perf_counter()
         shards, left_out = split_for_learners(batch, self.cfg.cluster.num_learners)
         if left_out:
             self.log(f"step {step}: {left_out} group(s) left out to split evenly over "
                      f"{self.cfg.cluster.num_learners} learners")
-        self.learner.submit(step, [[ray.put({"traj": s.traj.to_dict() if s.traj is not None else None,
-                                             "terms": s.terms})] for s in shards])
+        t0 = time.perf_counter()
+        # numpy payloads (``wire``), read in place by the learner: the rollouts themselves when the driver has them
+        self.learner.submit(step, [[ray.put(pack(
+            {"sources": list(sources), "rows": s.rows, "terms": s.terms} if sources and s.traj is not None
+            and s.rows is not None else
+            {"traj": s.traj.to_dict() if s.traj is not None else None, "terms": s.terms}))] for s in shards])
+        self.timings["learn_submit"] = time.perf_counter() - t0
 
     def learned(self, step: int) -> dict[str, Any]:
         """The learner's statistics for ``step`` (and ``learn`` seconds since it was handed over); stops the run
@@ -207,10 +229,10 @@ class TrainingSystem:
         cond = cond.repeat_interleave(samples_per_prompt)
         captions = [c for c in captions for _ in range(samples_per_prompt)]
         chunks = torch.arange(len(rows)).tensor_split(min(len(self.rollout_workers), len(rows)))
-        requests = [{"version": version, "cond": cond.index(c).as_dict(), "latent_shape": self.latent_shape,
+        requests = [{"version": version, "cond": pack(cond.index(c).as_dict()), "latent_shape": self.latent_shape,
                      "seeds": [sample_seed(seed, -1, int(rows[i]), members[i]) for i in c.tolist()]}
                     for c in chunks]
-        latents = torch.cat(self._gather("evaluate", requests))
+        latents = torch.cat([unpack(x) for x in self._gather("evaluate", requests)])
         return self.orm_pool.map_rows("score_latents", latents, captions)
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from euphonium_ray.checkpoint import state_nbytes
 from euphonium_ray.errors import EuphoniumError
+from euphonium_ray.wire import pack, unpack
 
 __all__ = [
     "CollectiveSync",
@@ -122,19 +123,20 @@ class WeightSync(Protocol):
 
 # ------------------------------------------------------------------------------------------ object store
 class ObjectStoreSync:
-    """Learner: one ``ray.put`` per version. Worker: read the newest version's object."""
+    """Learner: one ``ray.put`` per version. Worker: read the newest version's object. The tensors travel as numpy
+    payloads (``wire``): copied once into shared memory, and read from there straight onto the worker's device."""
 
     backend = "object_store"
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, device: str | None = None) -> None:
         self.store = store
+        self.device = device
 
     def publish(self, version: int, state: dict[str, Tensor]) -> dict[str, float]:
         t0 = time.perf_counter()
-        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-        ref = ray.put(cpu)
-        ray.get(self.store.publish.remote(version, [ref], {"nbytes": state_nbytes(cpu)}))
-        return {"bytes": float(state_nbytes(cpu)), "seconds": time.perf_counter() - t0}
+        ref = ray.put(pack(state))  # one device-to-host copy per tensor, then one copy into the object store
+        ray.get(self.store.publish.remote(version, [ref], {"nbytes": state_nbytes(state)}))
+        return {"bytes": float(state_nbytes(state)), "seconds": time.perf_counter() - t0}
 
     def fetch(self, min_version: int, current_version: int, timeout_s: float) -> tuple[int, dict[str, Tensor] | None]:
         """(version, state) of version ``min_version`` exactly; state None when ``current_version`` is it. A version
@@ -150,7 +152,7 @@ class ObjectStoreSync:
             if version == current_version:
                 return version, None
             try:
-                return version, ray.get(refs[0])
+                return version, unpack(ray.get(refs[0]), self.device)
             except ray.exceptions.ObjectLostError:  # OwnerDiedError among them: the learner process is gone
                 if time.monotonic() > deadline:
                     raise StaleWeightsError(f"weight version {min_version} was lost with the learner that published "
@@ -277,7 +279,7 @@ def _member_name(rank: int) -> str:
 def make_weight_sync(backend: str, store: Any, *, rank: int = 0, world_size: int = 1, device: str = "cpu",
                      timeout_s: float = 600.0) -> WeightSync:
     if backend == "object_store":
-        return ObjectStoreSync(store)
+        return ObjectStoreSync(store, device)
     if backend == "collective":
         return CollectiveSync(store, rank, world_size, device, timeout_s)
     raise ValueError(f"unknown weight sync backend {backend!r}; use 'object_store' or 'collective'")

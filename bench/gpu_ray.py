@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from bench.ray_overhead import PHASES, in_process, on_ray  # noqa: E402
+from bench.ray_overhead import PHASES, SPANS, in_process, on_ray  # noqa: E402
 from euphonium_ray.config import RunConfig, load_config  # noqa: E402
 from euphonium_ray.driver import resolve_paths  # noqa: E402
 from euphonium_ray.stage_log import StageLog  # noqa: E402
@@ -68,12 +68,23 @@ def for_mode(cfg: RunConfig, mode: str, work: Path) -> RunConfig:
     return out
 
 
-def object_store_bytes() -> int:
-    """2 GiB in /dev/shm when it has room for it; else half of what it has (at least 512 MiB; Ray then puts the
-    store in its temp dir, slower, and says so)."""
+def object_store_bytes(traj_bytes: int = 0, steps: int = 0) -> int:
+    """2 GiB, or room for every step's rollouts when that is more (the learner's hub keeps each step's batch, which
+    names the rollouts, until the next checkpoint: none inside the bench's steps), in /dev/shm when it has room for
+    it; else half of what it has (at least 512 MiB; Ray then puts the store in its temp dir, slower, and says so)."""
     st = os.statvfs("/dev/shm")
     free = st.f_bavail * st.f_frsize
-    return 2 * 1024**3 if free >= 2.2 * 1024**3 else max(512 * 1024**2, free // 2)
+    want = max(2 * 1024**3, (steps + 3) * traj_bytes)
+    return want if free >= 1.1 * want else max(512 * 1024**2, free // 2)
+
+
+def trajectory_bytes(cfg: RunConfig, videos: int) -> int:
+    """The bytes of a step's latent paths (what crosses the object store): videos x (SDE steps + 1) latents."""
+    from euphonium_ray.models.codecs import load_codec
+
+    shape = load_codec(Path(cfg.model.path) / "vae").latent_shape(cfg.data.num_frames, cfg.data.height,
+                                                                    cfg.data.width)
+    return videos * (cfg.sampler.num_steps + 1) * math.prod(int(s) for s in shape) * 4
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -93,14 +104,16 @@ def phase_table(runs: dict[str, list[dict[str, float]]], lo: int, hi: int) -> di
 
 
 def overlap(rows: list[dict[str, float]], lo: int, hi: int) -> dict[str, float]:
-    """In async step k the driver sends step k to the learner, samples and scores step k+1, then waits for the
-    learner: that section takes ``learn[k]`` seconds and holds ``rollout[k+1] + reward[k+1]`` seconds of sampling
-    and ``learn_seconds[k]`` of learner compute; what it is shorter than their sum ran at the same time."""
+    """In async step k the driver starts sampling and scoring step k+1, sends step k to the learner, then waits for
+    the learner: that section (``overlap_section[k]``, from the start of sampling; ``learn[k]`` where a run did not
+    record it) holds ``rollout[k+1] + reward[k+1]`` seconds of sampling and ``learn_seconds[k]`` of learner compute;
+    what it is shorter than their sum ran at the same time. (Sampling that outlasts the section, the learner being
+    the shorter side, leaves the learner's whole time overlapped: both started at the section's start.)"""
     per_step = []
     for k in range(lo, min(hi, len(rows) - 1)):
         sampling = rows[k + 1]["rollout"] + rows[k + 1]["reward"]
         learning = rows[k]["learn_seconds"]
-        section = rows[k]["learn"]
+        section = rows[k].get("overlap_section", rows[k]["learn"])
         hidden = max(0.0, min(sampling + learning - section, sampling, learning))
         per_step.append({"step": k, "section_s": section, "sampling_s": sampling, "learner_s": learning,
                          "overlap_s": hidden, "overlap_fraction": hidden / min(sampling, learning)})
@@ -174,6 +187,8 @@ def markdown(result: dict[str, Any]) -> str:
                       f"step k+1 took {a['overlap']['sampling_s']:.3f} s and learning step k "
                       f"{a['overlap']['learner_s']:.3f} s: {a['overlap']['overlap_s']:.3f} s ran at the same time "
                       f"({100 * a['overlap']['overlap_fraction']:.0f}% of the shorter)."]
+    for name, row in result.get("spans", {}).items():
+        lines += ["", f"Spans of `{name}` inside the phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())]
     lines += ["", "Importance ratio of each step's first update (clip range 1 ± "
               f"{result['setup']['clip_range']}):", "", "| run | min | max | steps within clip |", "|---|---|---|---|"]
     for name, r in result["ratios"].items():
@@ -236,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                  "share": args.share if args.device == "cuda" else 0.0, "steps": args.steps, "warmup": args.warmup,
                  "measured": [args.warmup, args.steps - 1], "clip_range": cfg.optim.clip_range,
                  "weight_sync": cfg.cluster.weight_sync_backend(), "torch": torch.__version__, "ray": ray.__version__,
-                 "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "object_store_bytes": object_store_bytes()}
+                 "cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus}
+        setup["trajectory_bytes"] = trajectory_bytes(cfg, setup["batch"]) if Path(cfg.model.path).is_dir() else 0
+        setup["object_store_bytes"] = object_store_bytes(setup["trajectory_bytes"], args.steps)
+        log(f"batch: {args.prompts} prompts x {args.group} videos = {setup['batch']} videos per step, "
+            f"{cfg.sampler.num_steps} SDE steps; a step's latent paths {setup['trajectory_bytes'] / 1e6:.0f} MB")
         log(f"setup {json.dumps(setup)}")
     init: dict[str, Any] = {"num_cpus": args.num_cpus, "object_store_memory": setup["object_store_bytes"],
                             "_temp_dir": args.ray_temp_dir, "_node_ip_address": "127.0.0.1"}
@@ -299,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{'phase':<10} " + " ".join(f"{n:>11}" for n in runs) + f" {'Ray/in-process':>15}")
     for ph, row in table.items():
         log(f"{ph:<10} " + " ".join(f"{row[n]:>11.3f}" for n in runs) + f" {row['ray_sync_over_in_process']:>15.2f}")
+    spans = ("learn_seconds", "batch_fetch_seconds", "digest_seconds", "publish_seconds") + SPANS
+    result["spans"] = {name: {k: mean_of(rows, k, lo, hi) for k in spans if any(k in r for r in rows)}
+                       for name, rows in runs.items() if name != "in_process"}
+    for name, row in result["spans"].items():
+        log(f"spans {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
     for name, r in result["ratios"].items():
         log(f"first-update ratio {name}: [{r['first_ratio_min']:.6f}, {r['first_ratio_max']:.6f}], "
             f"{r['steps_within_clip']}/{r['steps']} steps within 1 ± {r['clip_range']}")

@@ -84,7 +84,11 @@ def in_process(cfg: RunConfig, steps: int, device: torch.device | str = "cpu",
     return out
 
 
-LEARNER_KEYS = ("learn_seconds", "first_ratio_min", "first_ratio_max", "ratio_min", "ratio_max", "clip_fraction")
+LEARNER_KEYS = ("learn_seconds", "first_ratio_min", "first_ratio_max", "ratio_min", "ratio_max", "clip_fraction",
+                "batch_fetch_seconds", "digest_seconds")
+# the Ray path's own spans inside the phases: the rollout worker's weight load, sampling and packing, the driver's
+# unpacking of the rollouts and hand-over of the learner's batch, and (async) the section sampling and learning share
+SPANS = ("weights", "sample", "pack", "unpack", "learn_submit", "overlap_section")
 
 
 def on_ray(cfg: RunConfig, steps: int, *, evaluate: bool = True, on_event: Any = None,
@@ -107,6 +111,8 @@ def on_ray(cfg: RunConfig, steps: int, *, evaluate: bool = True, on_event: Any =
         s = h["scalars"]
         rows.append({p: s.get(f"time/{p}", float("nan")) for p in PHASES} | {"orm_mean": s["reward/orm_mean"]}
                     | {k: s.get(f"learner/{k}", float("nan")) for k in LEARNER_KEYS}
+                    | {k: s[f"time/{k}"] for k in SPANS if f"time/{k}" in s}
+                    | {"publish_seconds": s.get("weights/publish_seconds", float("nan"))}
                     | {"version_lag": s.get("weights/version_lag", float("nan"))})
     return rows
 

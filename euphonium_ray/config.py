@@ -196,6 +196,9 @@ class ORMConfig(Section):
     image_size: int = Field(default=448, ge=8)
     coef: float = 1.0
     dtype: Literal["fp32", "bf16"] = "bf16"
+    # videos per codec decode call in an ORM actor: 1 keeps a full-size VAE's activations at one video's; 0 decodes a
+    # whole request at once (a small codec, e.g. the toy world's, whose per-call cost is what dominates)
+    decode_batch: int = Field(default=1, ge=0)
     vllm: VLLMJudgeConfig = VLLMJudgeConfig()
 
     @field_validator("backend")

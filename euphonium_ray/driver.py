@@ -324,9 +324,14 @@ def train(cfg: RunConfig, *, resume: str | None = None, address: str | None = No
             batch = feed.take(step)  # sync: sampled now with weights `step`; async: during the last step's learning
             adv = log.timed("advantage", advantages, batch.traj, batch.rewards, cfg)
             no_signal.check(step, adv)  # stops after rewards.max_failed_steps steps without a trainable group
-            system.learn(step, learning_batch(batch.traj, adv))
-            feed.prefetch(step + 1)  # async: the next step's rollouts run while the learner learns this one
+            t_overlap = time.perf_counter()
+            # async: the next step's rollouts (weights `step`, published when step-1 was learned) start before this
+            # step's batch is even handed over, and run while the learner learns it
+            feed.prefetch(step + 1)
+            system.learn(step, learning_batch(batch.traj, adv), batch.sources)
             stats = system.learned(step)
+            if feed.ahead:  # the section in which sampling step+1 and learning step may run at the same time
+                log.timings["overlap_section"] = time.perf_counter() - t_overlap
             system.broadcast(step + 1)  # sync: every rollout worker loads the new version; async: they fetch it
             log.end(batch, adv, stats)  # metrics, sample videos, periodic evaluation, the step_end hook
             stop.check(step, lambda: latest_checkpoint(out))  # a SIGTERM/SIGINT during the step: stop here

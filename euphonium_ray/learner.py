@@ -96,7 +96,9 @@ class Learner:
         version = step + 1
         stats["version"] = version
         state = self.weights()
+        t1 = time.perf_counter()
         stats["digest"] = state_digest(state) if state else None
+        stats["digest_seconds"] = time.perf_counter() - t1
         checkpoint = None
         if self.writes_checkpoint(version):
             t1 = time.perf_counter()

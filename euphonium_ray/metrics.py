@@ -134,7 +134,8 @@ class StepRecorder:
             s["rollout/guidance_grad_norm"] = _nan_stats(traj.guidance_norms[evaluated])[0]
         for key in ("loss", "policy_loss", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max",
                     "first_ratio_min", "first_ratio_max", "kl", "distill_loss", "grad_norm", "approx_kl",
-                    "num_transitions", "num_updates", "learn_seconds", "gpu_max_allocated_bytes",
+                    "num_transitions", "num_updates", "learn_seconds", "batch_fetch_seconds", "digest_seconds",
+                    "gpu_max_allocated_bytes",
                     "gpu_max_reserved_bytes"):
             if key in stats:
                 s[f"learner/{key}"] = float(stats[key])

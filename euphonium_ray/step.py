@@ -77,10 +77,12 @@ def advantages(traj: Trajectories, rewards: Rewards, cfg: RunConfig) -> Advantag
 @dataclass
 class LearnBatch:
     """What one learner trains on: trajectory rows and their advantage terms; ``traj`` None when every group of
-    the step was skipped (the weight version still advances)."""
+    the step was skipped (the weight version still advances). ``rows``: which rows of the step's whole rollout
+    batch ``traj`` holds, in order (so that a learner can take them from the rollouts it is sent itself)."""
 
     traj: Trajectories | None
     terms: AdvantageTerms
+    rows: Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -93,13 +95,13 @@ def learning_batch(traj: Trajectories, adv: Advantages, members: int = 1) -> Lea
     if adv.kept_rows.numel() == 0:
         return LearnBatch(None, [])
     if members == 1:
-        return LearnBatch(traj.select(adv.kept_rows), adv.terms)
+        return LearnBatch(traj.select(adv.kept_rows), adv.terms, adv.kept_rows.cpu())
     full = []
     for w, a in adv.terms:
         zeroed = torch.zeros(traj.batch_size, *a.shape[1:], dtype=a.dtype)
         zeroed[adv.kept_rows] = a.cpu()
         full.append((w, zeroed))
-    return LearnBatch(traj, full)
+    return LearnBatch(traj, full, torch.arange(traj.batch_size))
 
 
 def split_for_learners(batch: LearnBatch, ranks: int) -> tuple[list[LearnBatch], int]:
@@ -115,7 +117,8 @@ def split_for_learners(batch: LearnBatch, ranks: int) -> tuple[list[LearnBatch],
             shards.append(LearnBatch(None, []))
             continue
         rows = group_rows(range(r * per, (r + 1) * per), traj.group_size)
-        shards.append(LearnBatch(traj.select(rows), [(w, a[rows]) for w, a in batch.terms]))
+        shards.append(LearnBatch(traj.select(rows), [(w, a[rows]) for w, a in batch.terms],
+                                 batch.rows[rows] if batch.rows is not None else None))
     return shards, traj.num_groups - per * ranks
 
 

@@ -151,17 +151,20 @@ class Trajectories:
         return [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
 
     def select(self, rows: Tensor | list[int] | slice) -> "Trajectories":
-        """Rows of the batch (whole groups are the caller's business; ``group_size`` is kept)."""
+        """Rows of the batch (whole groups are the caller's business; ``group_size`` is kept). Every row in order
+        is the batch itself (its tensors shared, not copied: a 128-video latent path is over 100 MB)."""
         if isinstance(rows, slice):
             idx = torch.arange(self.batch_size)[rows]
         else:
             idx = torch.as_tensor(rows, dtype=torch.long)
+        if idx.numel() == self.batch_size and torch.equal(idx.cpu(), torch.arange(self.batch_size)):
+            return replace(self, captions=list(self.captions))
         per_sample = {
             name: getattr(self, name)[idx.to(getattr(self, name).device)]
             for name in self._tensor_fields()
             if name not in ("sigmas", "guided_steps")
         }
-        captions = [self.captions[int(i)] for i in idx] if self.captions else []
+        captions = [self.captions[i] for i in idx.tolist()] if self.captions else []  # one device read, not B
         group_size = self.group_size if len(idx) % self.group_size == 0 else 1
         return replace(self, **per_sample, cond=self.cond.index(idx.to(self.cond.prompt_embeds.device)),
                        captions=captions, group_size=group_size)
@@ -180,6 +183,8 @@ class Trajectories:
         """Concatenate batches sampled with the same schedule, group size and guidance window."""
         if not items:
             raise TrajectoryError("cannot concatenate an empty list of trajectory batches")
+        if len(items) == 1:  # one rollout worker: nothing to copy
+            return replace(items[0], captions=list(items[0].captions))
         first = items[0]
         for other in items[1:]:
             if other.group_size != first.group_size:

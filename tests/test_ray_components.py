@@ -273,3 +273,37 @@ def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_
     where = {0: "10.0.0.1/GPU-a", 1: "10.0.0.1/GPU-b", 2: "10.0.0.1/GPU-a", 3: "10.0.0.2/GPU-a", 4: "10.0.0.1/GPU-b"}
     assert ranks_sharing_a_device(where) == [[0, 2], [1, 4]]
     assert ranks_sharing_a_device({0: "n/GPU-a", 1: "n/GPU-b"}) == []
+
+
+def test_a_colocated_prm_and_the_prm_pool_guide_the_same_samples(world, local_ray, tmp_path):
+    """``rewards.prm.placement: colocated`` (the default: the rollout worker holds its own PRM copy and RGG costs no
+    round trip per guided SDE step) samples what ``pool`` (a PRM actor called at every guided step, the gradients
+    through the object store) samples, from the same seeds."""
+    from euphonium_ray.actors.reward import PRMScorer, ScorerPool
+    from euphonium_ray.actors.rollout import RolloutWorker
+    from euphonium_ray.actors.weights import ObjectStoreSync, WeightStore
+    from euphonium_ray.data import PromptEmbeddingDataset, pooled_dim_of
+    from euphonium_ray.models.hunyuan import HunyuanVideoPolicy
+    from euphonium_ray.wire import unpack
+
+    store = WeightStore.remote()
+    colocated = run_config(world, tmp_path, "rgg.start=4")
+    ObjectStoreSync(store).publish(0, HunyuanVideoPolicy.from_pretrained(colocated.model.path,
+                                                                          with_codec=False).sync_state_dict())
+    ds = PromptEmbeddingDataset(colocated.data.prompts, pooled_dim=pooled_dim_of(colocated.model.path))
+    cond, caps = ds.conditioning([0])
+    request = {"step": 0, "version": 0, "cond": cond.repeat_interleave(4).as_dict(), "captions": caps * 4,
+               "prompt_indices": [0] * 4, "seeds": [11, 12, 13, 14], "latent_shape": (48, 8, 6, 6)}
+    pooled = run_config(world, tmp_path, "rgg.start=4", "rewards.prm.placement=pool")
+    prm = PRMScorer.options(num_cpus=0).remote(pooled.model_dump(mode="json"), cpus=1.0)
+    trajs = []
+    for cfg, pool in ((colocated, None), (pooled, ScorerPool([prm]))):
+        worker = RolloutWorker.options(num_cpus=0.5).remote(cfg.model_dump(mode="json"), 0, store, prm_pool=pool,
+                                                            cpus=1.0)
+        trajs.append(unpack(ray.get(worker.sample.remote(request))["traj"]))
+        ray.kill(worker)
+    ray.kill(prm)
+    a, b = trajs
+    assert bool(a["process_evaluated"].any()) and int(a["guided_steps"].numel()) == 4  # guided from step 4 of 8
+    for name in ("latents", "log_probs", "process_rewards", "guidance_norms", "x0_hat_final"):
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)

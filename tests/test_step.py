@@ -143,3 +143,18 @@ def test_read_yaml_mapping_names_the_file_and_what_is_wrong(tmp_path):
         read_yaml_mapping(empty, "config file", empty="(no keys)")
     with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
         read_yaml_mapping(listed, "config file")
+
+
+def test_a_learners_shard_names_the_rows_of_the_whole_rollout_batch_it_holds():
+    """What lets a learner take its rows from the rollouts themselves (``TrainingSystem.learn`` with sources):
+    the kept groups' rows, then each rank's share of them, as rows of the batch the rollout workers returned."""
+    traj = _traj(groups=5, g=2)
+    kept = group_rows([0, 2, 3, 4], 2)  # group 1 skipped
+    adv = torch.arange(8 * 2, dtype=torch.float32).reshape(8, 2)
+    batch = learning_batch(traj, Advantages([(1.0, adv)], kept, {1: "nan"}))
+    assert batch.rows is not None and batch.rows.tolist() == [0, 1, 4, 5, 6, 7, 8, 9]
+    shards, _ = split_for_learners(batch, 2)
+    assert [s.rows.tolist() for s in shards if s.rows is not None] == [[0, 1, 4, 5], [6, 7, 8, 9]]
+    for shard in shards:
+        assert shard.traj is not None and shard.rows is not None
+        assert _rows_of(shard.traj) == _rows_of(traj.select(shard.rows))  # the same rows, taken either way
