@@ -21,7 +21,8 @@ from torch import Tensor
 from euphonium_ray.checkpoint import (config_hash, load_checkpoint, read_optimizer_state, save_checkpoint,
                                       state_digest)
 from euphonium_ray.config import RunConfig
-from euphonium_ray.roles import load_policy
+from euphonium_ray.publish import BucketLayout, fingerprint, fingerprint_id
+from euphonium_ray.roles import load_policy, rollout_weight_dtype
 from euphonium_ray.sharding import (average_gradients, broadcast_parameters, full_model_state, full_optimizer_state,
                                     load_full_optimizer_state, shard_transformer)
 from euphonium_ray.step import LearnBatch, build_optimizer, learn
@@ -81,6 +82,20 @@ class Learner:
         return full_model_state(self.policy.transformer, self.sync_keys) if self.sharded else \
             self.policy.sync_state_dict()
 
+    def digest(self, state: dict[str, Tensor], version: int) -> str | None:
+        """What names these weights in the statistics (ranks holding full weights compare it; a replayed step must
+        give it again): the cheap fingerprint of the learner's weights, computed where they live (one read of the
+        bytes); under ``cluster.weight_check: digest`` (debug: minutes per step at 13 B parameters) the full SHA-256
+        of the weights as the rollout workers receive them (cast to their dtype), which ``param_digest`` of a
+        rollout worker then equals."""
+        if not state:
+            return None
+        if self.cfg.cluster.weight_check == "digest":
+            dtype = rollout_weight_dtype(self.cfg)
+            return state_digest({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+        # the version is not part of the name: equal weights give an equal digest whatever step made them
+        return fingerprint_id(fingerprint(state, BucketLayout.for_state(state), 0))
+
     def writes_checkpoint(self, version: int) -> bool:
         out = self.cfg.output
         return version % out.save_every == 0 or (version == self.cfg.steps and out.write_final)
@@ -96,7 +111,7 @@ class Learner:
         version = step + 1
         stats["version"] = version
         state = self.weights()
-        stats["digest"] = state_digest(state) if state else None
+        stats["digest"] = self.digest(state, version)
         checkpoint = None
         if self.writes_checkpoint(version):
             t1 = time.perf_counter()

@@ -258,7 +258,7 @@ def test_prompt_order_and_sample_seeds_are_pure_functions_of_the_step():
 
 def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_by_role(monkeypatch):
     """NCCL refuses two ranks on one GPU (measured on an H200: "Duplicate GPU detected", NCCL 2.28), so a
-    fractional-GPU layout defaults to the object store, and a forced collective names the members that collide."""
+    fractional-GPU layout that fits one GPU defaults to CUDA IPC, one that may not to the object store, and a forced collective names the members that collide."""
     from euphonium_ray.actors.weights import ranks_sharing_a_device
 
     def backend(learner: float, rollout: float, *sets: str, environ: dict[str, str] | None = None) -> str:
@@ -267,7 +267,9 @@ def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_
         return cfg.cluster.weight_sync_backend()
 
     assert backend(1, 1) == "collective"
-    assert backend(0.5, 0.5) == backend(1, 0.5) == backend(0, 1) == "object_store"
+    assert backend(0.5, 0.5) == backend(0.25, 0.25, "cluster.num_rollout_workers=3") == "cuda_ipc"  # one GPU
+    assert backend(0.5, 0.5, "cluster.num_rollout_workers=2") == "object_store"  # 1.5 GPUs: not all on one
+    assert backend(1, 0.5) == backend(0, 1) == backend(0, 0) == "object_store"
     assert backend(0.5, 0.5, "cluster.weight_sync=collective") == "collective"
     assert backend(1, 1, "cluster.weight_sync=object_store") == "object_store"
     where = {0: "10.0.0.1/GPU-a", 1: "10.0.0.1/GPU-b", 2: "10.0.0.1/GPU-a", 3: "10.0.0.2/GPU-a", 4: "10.0.0.1/GPU-b"}
