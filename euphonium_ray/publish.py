@@ -203,6 +203,7 @@ def fingerprint(state: dict[str, Tensor], layout: BucketLayout, version: int, sa
     padding is zero, so one sum per bucket gives the same value with fewer kernels)."""
     parts: list[Tensor] = []
     index: list[tuple[str, str]] = []
+    device = next(iter(state.values())).device if state else torch.device("cpu")
     for dtype in sorted(layout.sizes):
         want = getattr(torch, dtype)
         if buffers is not None:
@@ -211,14 +212,14 @@ def fingerprint(state: dict[str, Tensor], layout: BucketLayout, version: int, sa
             sums = [bitsum(state[s.name] if state[s.name].dtype == want else state[s.name].to(want))
                     for s in layout.slots if s.dtype == dtype]
         if sums:
-            parts.append(torch.stack(sums).sum().cpu())
+            parts.append(torch.stack([x.to(device) for x in sums]).sum())
             index.append((dtype, "sum"))
         for name, pos in _sample_positions(layout, dtype, version, samples):
             one = state[name].detach().reshape(-1)[pos: pos + 1].to(want)
             one = one.view(torch.uint8) if one.dtype == torch.bool else one
-            parts.append(one.view(_INT_OF_SIZE[one.element_size()]).to(torch.int64).reshape(()).cpu())
+            parts.append(one.view(_INT_OF_SIZE[one.element_size()]).to(device=device, dtype=torch.int64).reshape(()))
             index.append((dtype, "sample"))
-    values = torch.stack(parts).tolist() if parts else []
+    values = torch.stack(parts).tolist() if parts else []  # the one synchronisation
     out: dict[str, Any] = {"version": int(version), "layout": layout.key, "sums": {}, "samples": {}}
     for (dtype, kind), value in zip(index, values):
         if kind == "sum":
