@@ -142,6 +142,13 @@ def _rollout_process(conn: Any, spec: dict[str, tuple[int, ...]]) -> None:
     del msg
 
 
+def _recv(conn: Any, timeout_s: float = 300.0) -> Any:
+    """The other process's next message; an error (not a hang) when it died or stalls."""
+    if not conn.poll(timeout_s):
+        raise TimeoutError(f"no answer from the other process within {timeout_s:.0f}s")
+    return conn.recv()
+
+
 def two_processes(spec: dict[str, tuple[int, ...]], device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Learner process (this one) packs and announces; a rollout process maps the bucket through CUDA IPC and
     copies. Publish time: from the start of packing to the rollout's acknowledgement of its finished copy."""
@@ -157,7 +164,7 @@ def two_processes(spec: dict[str, tuple[int, ...]], device: torch.device, args: 
     bucket.synchronize()
     t0 = time.perf_counter()
     parent.send((bucket.layout.to_json(), export_ipc(bucket.buffers)))
-    if parent.recv() != "ready":
+    if _recv(parent) != "ready":
         raise RuntimeError("the rollout process did not map the bucket")
     setup = time.perf_counter() - t0
     copies: list[float] = []
@@ -166,11 +173,11 @@ def two_processes(spec: dict[str, tuple[int, ...]], device: torch.device, args: 
         bucket.pack(masters)
         bucket.synchronize()  # the bytes are in place before the rollout hears of them
         parent.send("version")
-        copies.append(float(parent.recv()))
+        copies.append(float(_recv(parent)))
 
     times = _timed(publish, device, args.reps, args.warmup)
     parent.send("stop")
-    same, fp = parent.recv()
+    same, fp = _recv(parent)
     proc.join(timeout=60)
     out = {"publish_s": statistics.median(times), "publish": _stats(times),
            "rollout_copy_s": statistics.median(copies[args.warmup:]), "ipc_setup_s": setup,

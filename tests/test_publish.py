@@ -164,7 +164,7 @@ def test_the_rollout_dtype_is_bf16_on_gpu_rollouts_and_fp32_on_cpu_ones():
 def test_publish_bench_runs_tiny_on_cpu_and_writes_its_report(tmp_path):
     out = tmp_path / "publish"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "publish.py"), "--device", "cpu", "--tiny", "--out",
-                          str(out), "--deadline-s", "60", "--no-ray"], capture_output=True, text=True, timeout=120)
+                          str(out), "--deadline-s", "60", "--no-ray", "--reps", "3", "--warmup", "1"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     import json
 
