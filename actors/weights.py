@@ -145,8 +145,8 @@ class _Buckets:
 
     def _device_buckets(self, state: dict[str, Tensor], device: torch.device) -> WeightBuckets:
         """The learner's device bucket for ``state``'s layout (allocated once; again only if the layout changes)."""
-        if self._device is None or self._device.device != device or not self._device.layout.matches(state,
-                                                                                                  self.dtype):
+        if self._device is None or not _same_device(self._device.device, device) or \
+                not self._device.layout.matches(state, self.dtype):
             self._device = None  # free the old one first
             self._device = WeightBuckets.for_state(state, self.dtype, device)
         return self._device
@@ -182,6 +182,14 @@ class _Buckets:
             raise WeightCheckError(f"weight version {version}: the loaded weights do not match what the learner "
                                    f"published (bit sums {got['sums']} != {want['sums']}); the copy was torn or "
                                    "corrupted")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when the current device is 0 (what every actor here runs on)."""
+    def index(d: torch.device) -> int:
+        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
+
+    return a.type == b.type and index(a) == index(b)
 
 
 def _meta(version: int, buckets: WeightBuckets, fp: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -307,7 +315,7 @@ class CollectiveSync(_Buckets):
     def publish(self, version: int, state: dict[str, Tensor]) -> dict[str, float]:
         t0 = time.perf_counter()
         packed, fp = self._stage(state, version, self.device, host=False)
-        if packed.device != self.device:  # e.g. CPU-gathered FSDP state for an NCCL group: one copy per dtype
+        if not _same_device(packed.device, self.device):  # e.g. a CPU state for an NCCL group: one copy per dtype
             if self._receive is None or self._receive.layout.key != packed.layout.key:
                 self._receive = None
                 self._receive = WeightBuckets(packed.layout, self.device)

@@ -170,5 +170,6 @@ def test_publish_bench_runs_tiny_on_cpu_and_writes_its_report(tmp_path):
 
     report = json.loads((out / "publish.json").read_text())
     assert report["full"]["bit_identical"] and report["lora"]["bit_identical"]
+    assert report["full"]["one_process"]["cast_exact"] and report["lora"]["one_process"]["cast_exact"]
     assert report["full"]["one_process"]["publish_s"] > 0 and (out / "publish.md").read_text().startswith("#")
     assert "ratio" in run.stdout
