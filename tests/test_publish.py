@@ -173,3 +173,16 @@ def test_publish_bench_runs_tiny_on_cpu_and_writes_its_report(tmp_path):
     assert report["full"]["one_process"]["cast_exact"] and report["lora"]["one_process"]["cast_exact"]
     assert report["full"]["one_process"]["publish_s"] > 0 and (out / "publish.md").read_text().startswith("#")
     assert "ratio" in run.stdout
+
+
+def test_the_cuda_ipc_layer_refuses_a_cpu_learner_and_a_gpu_this_process_cannot_see():
+    """What of the IPC path runs without a GPU: its refusals. The mapping itself is untested here (no CUDA)."""
+    from euphonium_ray.actors.weights import CudaIpcSync, make_weight_sync
+    from euphonium_ray.publish import import_ipc
+
+    sync = make_weight_sync("cuda_ipc", None, device="cpu", dtype=torch.bfloat16)
+    assert isinstance(sync, CudaIpcSync) and sync.backend == "cuda_ipc"
+    with pytest.raises(RuntimeError, match="needs the learner on a GPU"):
+        sync.publish(0, _state())
+    with pytest.raises(RuntimeError, match="GPU-elsewhere is not visible.*weight_sync=object_store"):
+        import_ipc({"uuid": "GPU-elsewhere", "handles": {}})
