@@ -21,7 +21,6 @@ import torch
 
 from euphonium_ray.actors.common import config_from, memory_report, release_cached_memory, set_threads
 from euphonium_ray.actors.weights import make_weight_sync
-from euphonium_ray.checkpoint import state_digest
 from euphonium_ray.step import LearnBatch
 from euphonium_ray.trajectory import Trajectories
 from euphonium_ray.wire import unpack
@@ -187,6 +186,7 @@ def learner_loop(config: dict[str, Any]) -> None:
 
     from euphonium_ray.checkpoint import config_hash, restart_checkpoint
     from euphonium_ray.learner import Learner
+    from euphonium_ray.roles import rollout_weight_dtype
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -215,12 +215,13 @@ def learner_loop(config: dict[str, Any]) -> None:
         learner = Learner.load(cfg, device, rank=rank, world=world, resume=resume)
         sync = make_weight_sync(config["sync_backend"], config["store"], rank=0, device=str(device),
                                 world_size=int(config["num_rollout_workers"]) + 1,
-                                timeout_s=cfg.cluster.timeouts.weights_s) if rank == 0 else None
+                                timeout_s=cfg.cluster.timeouts.weights_s, dtype=rollout_weight_dtype(cfg),
+                                slots=1 if cfg.cluster.mode == "sync" else 2) if rank == 0 else None
         state = learner.weights()
         if sync is not None and generation > 0:  # the versions the lost rank 0 published died with it
             ray.get(config["store"].rewind.remote(learner.start_step))
         ray.get(hub.set_ready.remote(rank, generation, {
-            "start_step": learner.start_step, "pid": os.getpid(), "digest": state_digest(state) if state else None,
+            "start_step": learner.start_step, "pid": os.getpid(), "digest": learner.digest(state, learner.start_step),
             "device": str(device), "fsdp": learner.sharded, "load_seconds": time.perf_counter() - t0}))
         if sync is not None:
             sync.publish(learner.start_step, state)

@@ -21,7 +21,7 @@ from euphonium_ray.checkpoint import state_digest
 from euphonium_ray.learning import unused_by_learner
 from euphonium_ray.metrics import rss_bytes
 from euphonium_ray.models.base import TextConditioning
-from euphonium_ray.roles import load_codec_for, load_policy, load_prm
+from euphonium_ray.roles import load_codec_for, load_policy, load_prm, rollout_weight_dtype
 from euphonium_ray.sampling import make_generators, sample_latents
 from euphonium_ray.step import rollout
 from euphonium_ray.wire import pack, unpack
@@ -55,7 +55,8 @@ class RolloutWorker:
         self.prm_pool = prm_pool
         self.orm_pool = orm_pool
         self.sync = make_weight_sync(sync_backend, weight_store, rank=index + 1, world_size=num_workers + 1,
-                                     device=str(self.device), timeout_s=self.cfg.cluster.timeouts.weights_s)
+                                     device=str(self.device), timeout_s=self.cfg.cluster.timeouts.weights_s,
+                                     dtype=rollout_weight_dtype(self.cfg))
         self.version = -1
         self.sampled = 0
         self.metrics = None
@@ -82,9 +83,16 @@ class RolloutWorker:
             raise StaleWeightsError(f"rollout worker {self.index}: asked for weight version {version}, got {got}")
         if state is not None:
             self.policy.load_sync_state_dict(state)
+            self._check(got)
         self.version = got
         self._metric("euphonium_weight_version", float(got))
         return {"version": float(self.version), "seconds": time.perf_counter() - t0}
+
+    def _check(self, version: int) -> None:
+        """The loaded weights against what the learner published: its cheap fingerprint (one read on the device),
+        or under ``cluster.weight_check: digest`` nothing here (the driver's tests compare ``param_digest``)."""
+        if self.cfg.cluster.weight_check == "fingerprint":
+            self.sync.verify(version, self.policy.sync_state_dict())
 
     def _metric(self, name: str, value: float) -> None:
         if self.metrics is None:
@@ -97,7 +105,8 @@ class RolloutWorker:
         return self.version
 
     def param_digest(self) -> tuple[int, str]:
-        """(version, hash of the broadcast tensors): equal to the learner's digest means identical weights."""
+        """(version, full SHA-256 of the broadcast tensors): a test and debug call, never on the hot path; equal to
+        the learner's digest under ``cluster.weight_check: digest`` means bit-identical weights."""
         return self.version, state_digest(self.policy.sync_state_dict())
 
     # ---------------------------------------------------------------------------------------- sampling

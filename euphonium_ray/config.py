@@ -296,16 +296,28 @@ class ClusterConfig(Section):
     # the run's newest checkpoint, the driver's kept batches replayed since (0: a lost learner ends the run)
     max_learner_restarts: int = Field(default=2, ge=0)
     resources: dict[str, dict[str, float]] = Field(default_factory=dict)  # role -> custom resources (KubeRay groups)
-    # how weights reach the rollout workers: "auto" is a collective (NCCL) broadcast when the learner and the
-    # rollout workers have whole GPUs each, else the object store (NCCL refuses two members on one GPU)
-    weight_sync: Literal["auto", "object_store", "collective"] = "auto"
+    # How weights reach the rollout workers (always cast to the rollout dtype on the learner's device, in reused
+    # flat buckets; LoRA runs move only the adapters). "auto" resolves to the fastest valid path
+    # (``weight_sync_backend``): "cuda_ipc" when one learner and every rollout worker fit on one GPU together
+    # (fractional shares: the workers copy device to device from the learner's bucket), "collective" (an NCCL
+    # broadcast) when the learner and the rollout workers have whole GPUs each (NCCL refuses two members on one
+    # GPU), else (CPU) "object_store" (a pinned host bucket, one ray.put).
+    weight_sync: Literal["auto", "object_store", "collective", "cuda_ipc"] = "auto"
+    # How a rollout worker checks what it loaded, and what the learner reports as a version's digest: "fingerprint"
+    # (default: exact bit-pattern sums + sampled values + layout, milliseconds on the device) or "digest" (debug:
+    # the full SHA-256 of the published weights on both sides every step; minutes per step at 13 B parameters).
+    weight_check: Literal["fingerprint", "digest"] = "fingerprint"
     timeouts: TimeoutsConfig = TimeoutsConfig()
 
     def weight_sync_backend(self) -> str:
-        """The transport ``weight_sync`` resolves to."""
+        """The transport ``weight_sync`` resolves to (see its comment)."""
         if self.weight_sync != "auto":
             return self.weight_sync
-        return "collective" if self.learner_gpus >= 1 and self.rollout_gpus >= 1 else "object_store"
+        if self.learner_gpus >= 1 and self.rollout_gpus >= 1:
+            return "collective"
+        colocated = (self.num_learners == 1 and 0 < self.learner_gpus < 1 and 0 < self.rollout_gpus < 1
+                     and self.learner_gpus + self.num_rollout_workers * self.rollout_gpus <= 1 + 1e-9)
+        return "cuda_ipc" if colocated else "object_store"
 
 
 class OutputConfig(Section):

@@ -21,9 +21,10 @@ from torch import Tensor
 from euphonium_ray.checkpoint import (config_hash, load_checkpoint, read_optimizer_state, save_checkpoint,
                                       state_digest)
 from euphonium_ray.config import RunConfig
-from euphonium_ray.roles import load_policy
+from euphonium_ray.publish import BucketLayout, fingerprint, fingerprint_id
+from euphonium_ray.roles import load_policy, rollout_weight_dtype
 from euphonium_ray.sharding import (average_gradients, broadcast_parameters, full_model_state, full_optimizer_state,
-                                    load_full_optimizer_state, shard_transformer)
+                                    full_state_on_device, load_full_optimizer_state, shard_transformer)
 from euphonium_ray.step import LearnBatch, build_optimizer, learn
 
 __all__ = ["Learner", "LearnerStep"]
@@ -77,9 +78,25 @@ class Learner:
         return cls(cfg, policy, reference, rank=rank, world=world, start_step=start, resume=resume)
 
     def weights(self) -> dict[str, Tensor]:
-        """What a weight broadcast carries; under FSDP a collective whose full tensors land on rank 0 only."""
-        return full_model_state(self.policy.transformer, self.sync_keys) if self.sharded else \
-            self.policy.sync_state_dict()
+        """What a weight broadcast carries; under FSDP a collective whose full tensors land on rank 0 only, gathered
+        one at a time on the device and cast there to the rollout dtype (nothing goes through host memory)."""
+        if self.sharded:
+            return full_state_on_device(self.policy.transformer, self.sync_keys, rollout_weight_dtype(self.cfg))
+        return self.policy.sync_state_dict()
+
+    def digest(self, state: dict[str, Tensor], version: int) -> str | None:
+        """What names these weights in the statistics (ranks holding full weights compare it; a replayed step must
+        give it again): the cheap fingerprint of the learner's weights, computed where they live (one read of the
+        bytes); under ``cluster.weight_check: digest`` (debug: minutes per step at 13 B parameters) the full SHA-256
+        of the weights as the rollout workers receive them (cast to their dtype), which ``param_digest`` of a
+        rollout worker then equals."""
+        if not state:
+            return None
+        if self.cfg.cluster.weight_check == "digest":
+            dtype = rollout_weight_dtype(self.cfg)
+            return state_digest({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+        # the version is not part of the name: equal weights give an equal digest whatever step made them
+        return fingerprint_id(fingerprint(state, BucketLayout.for_state(state), 0))
 
     def writes_checkpoint(self, version: int) -> bool:
         out = self.cfg.output
@@ -97,7 +114,7 @@ class Learner:
         stats["version"] = version
         state = self.weights()
         t1 = time.perf_counter()
-        stats["digest"] = state_digest(state) if state else None
+        stats["digest"] = self.digest(state, version)
         stats["digest_seconds"] = time.perf_counter() - t1
         checkpoint = None
         if self.writes_checkpoint(version):
@@ -108,13 +125,15 @@ class Learner:
         return LearnerStep(stats, state, checkpoint)
 
     def save(self, version: int, state: dict[str, Tensor]) -> Path | None:
-        """Checkpoint ``version`` (rank 0 writes and returns the folder; under FSDP every rank joins the optimizer
-        gather)."""
+        """Checkpoint ``version`` (rank 0 writes and returns the folder; under FSDP every rank joins the gathers of
+        the fp32 weights and the optimizer: ``state``, what was published, is in the rollout's dtype)."""
         full_optim = full_optimizer_state(self.policy.transformer, self.optimizer) if self.sharded else None
+        # the published state is in the rollout dtype: the checkpoint gathers the fp32 masters itself
+        full_state = full_model_state(self.policy.transformer, self.sync_keys) if self.sharded else None
         if self.rank != 0:
             return None
         run_state = {"weight_version": version, "seed": self.cfg.seed, "config_hash": config_hash(self.cfg),
                      "mode": self.cfg.cluster.mode}
         return save_checkpoint(Path(self.cfg.output.dir), version, self.policy, self.optimizer, run_state,
                                keep=self.cfg.output.keep_checkpoints,
-                               policy_state=state if self.sharded else None, optimizer_state=full_optim)
+                               policy_state=full_state, optimizer_state=full_optim)

@@ -15,8 +15,8 @@ import torch
 from euphonium_ray.config import RunConfig
 from euphonium_ray.models.base import LatentCodec, OutcomeRewardModel
 
-__all__ = ["MicroBatchedPRM", "Role", "build_orm", "learner_weight_dtype", "load_codec_for", "load_policy",
-           "load_prm"]
+__all__ = ["MicroBatchedPRM", "Role", "build_orm", "learner_weight_dtype", "load_codec_for", "load_policy", "load_prm",
+           "rollout_weight_dtype"]
 
 Role = Literal["rollout", "learner", "reference"]
 
@@ -26,6 +26,13 @@ def learner_weight_dtype(cfg: RunConfig, on_gpu: bool) -> str:
     frozen base (the adapters stay fp32)."""
     lora_bf16 = cfg.model.trainable == "lora" and cfg.model.lora_base_dtype == "bf16" and on_gpu
     return "bf16" if lora_bf16 else "fp32"
+
+
+def rollout_weight_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype of the rollout workers' weights (``load_policy``'s rule): ``model.dtype`` on GPU, fp32 on CPU. The
+    learner casts what it publishes to it on its own device, so only those bytes travel."""
+    on_gpu = cfg.cluster.rollout_gpus > 0
+    return torch.bfloat16 if (on_gpu and cfg.model.dtype == "bf16") else torch.float32
 
 
 def load_policy(cfg: RunConfig, role: Role, device: torch.device):

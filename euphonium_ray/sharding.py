@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["average_gradients", "broadcast_parameters", "fsdp_block_lists", "full_model_state",
-           "full_optimizer_state", "load_full_optimizer_state", "shard_transformer", "to_float"]
+           "full_optimizer_state", "full_state_on_device", "load_full_optimizer_state", "shard_transformer", "to_float"]
 
 
 def fsdp_block_lists(module: nn.Module) -> list[nn.ModuleList]:
@@ -59,6 +59,34 @@ def full_model_state(module: nn.Module, keys: list[str] | None = None) -> dict[s
             raise KeyError(f"the sharded model has no tensors named {missing[:3]} (of {len(missing)})")
         state = {k: state[k] for k in keys}
     return state
+
+
+def full_state_on_device(module: nn.Module, keys: list[str] | None = None,
+                         dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Collective: the full state gathered one tensor at a time on the ranks' device, each cast to ``dtype`` there
+    (floating tensors; None keeps them) and kept on rank 0 only (``{}`` elsewhere). What a weight publication
+    needs: at most one full fp32 tensor exists at a time, and only the published dtype's bytes are kept, where
+    ``full_model_state`` moves every fp32 byte to pageable host memory (24.55 GiB in 19 s at half depth on an
+    H100, bench/results/fsdp_learner)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = module.state_dict()
+    names = list(state) if keys is None else list(keys)
+    missing = [k for k in names if k not in state]
+    if missing:
+        raise KeyError(f"the sharded model has no tensors named {missing[:3]} (of {len(missing)})")
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name in names:
+            tensor = state[name]
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if rank == 0:
+                cast = dtype is not None and full.is_floating_point()
+                out[name] = (full.to(dtype) if cast else full).detach()
+            del full
+    return out
 
 
 def _trainable_names(module: nn.Module) -> list[str]:

@@ -23,13 +23,13 @@ def _toy(*sets: str):
     return load_config(ROOT / "configs" / "toy.yaml", ["rewards.latent_outcome=true", *sets], use_env=False)
 
 
-def test_four_roles_on_quarter_shares_ask_for_exactly_one_gpu_and_sync_weights_through_the_object_store():
+def test_four_roles_on_quarter_shares_ask_for_exactly_one_gpu_and_sync_weights_through_cuda_ipc():
     from euphonium_ray.actors.placement import check_cluster
 
     cfg = _toy(*QUARTERS)
     need = check_cluster(cfg, available={"CPU": 2.0, "GPU": 1.0})
     assert need["GPU"] == 1.0 and need["CPU"] == 2.0  # rollout 1 CPU + learner 1 CPU; reward actors none
-    assert cfg.cluster.weight_sync_backend() == "object_store"  # NCCL would refuse members sharing the GPU
+    assert cfg.cluster.weight_sync_backend() == "cuda_ipc"  # NCCL would refuse members sharing the GPU
 
 
 def test_roles_asking_for_more_than_one_gpu_in_shares_are_named_with_their_config_keys():

@@ -136,7 +136,7 @@ def test_two_training_steps_of_the_production_config_through_every_ray_role(mode
     from euphonium_ray.data import PromptEmbeddingDataset, pooled_dim_of
 
     # whole GPUs (the production shares) broadcast through the collective; here it runs over gloo
-    cfg = production_config(models, tmp_path / "run", "cluster.weight_sync=collective")
+    cfg = production_config(models, tmp_path / "run", "cluster.weight_sync=collective", "cluster.weight_check=digest")
     checks: dict[str, list] = {"free_group_resources": [], "same_weights": [], "digests": []}
     dataset = PromptEmbeddingDataset(models["prompts"], pooled_dim=pooled_dim_of(models["model"]))
     cond, captions = dataset.conditioning([0, 1])

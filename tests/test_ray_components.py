@@ -48,27 +48,32 @@ def test_rollout_worker_loads_exact_versions_and_refuses_stale_weights(world, lo
     ray.kill(worker)
 
 
-def test_collective_broadcast_over_gloo_delivers_identical_weights(local_ray):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_collective_broadcast_over_gloo_delivers_identical_weights(local_ray, dtype):
+    """Bit identity (full SHA-256) of what every receiver gets with what the learner sent, cast to the rollout
+    dtype on the learner's side when one is given; each receiver's cheap check passes on it."""
     from euphonium_ray.actors.weights import CollectiveSync, WeightStore
     from euphonium_ray.checkpoint import state_digest
 
     store = WeightStore.remote()
+    cast = getattr(torch, dtype) if dtype else None
 
     @ray.remote(num_cpus=0)
     class Member:
         def __init__(self, rank: int, store) -> None:
-            self.sync = CollectiveSync(store, rank, 3)
+            self.sync = CollectiveSync(store, rank, 3, dtype=cast)
 
         def send(self, version: int, seed: int) -> str:
             g = torch.Generator().manual_seed(seed)
             state = {"w": torch.randn(5, 7, generator=g), "b": torch.randn(3, generator=g).bfloat16(),
                      "step": torch.tensor([version])}
             self.sync.publish(version, state)
-            return state_digest(state)
+            return state_digest({k: v.to(cast) if cast and v.is_floating_point() else v for k, v in state.items()})
 
         def receive(self, version: int) -> str:
             got, state = self.sync.fetch(version, version - 1, 60)
             assert got == version
+            self.sync.verify(version, {k: v.clone() for k, v in state.items()})
             return state_digest(state)
 
     members = [Member.remote(r, store) for r in range(3)]
@@ -245,6 +250,35 @@ def test_lora_training_broadcasts_only_the_adapter_tensors(world, local_ray, tmp
     assert ray.get(store.latest.remote())[2]["nbytes"] == sum(t.numel() * 4 for t in state.values())
 
 
+def test_object_store_sync_publishes_the_bf16_cast_from_reused_buckets_and_the_check_catches_a_changed_value(
+        local_ray):
+    from euphonium_ray.actors.weights import ObjectStoreSync, WeightCheckError, WeightStore
+    from euphonium_ray.checkpoint import state_digest
+
+    store = WeightStore.remote()
+    g = torch.Generator().manual_seed(0)
+    state = {"a.w": torch.randn(9, 5, generator=g), "b.w": torch.randn(11, generator=g),
+             "step": torch.tensor([3])}
+    learner, worker = ObjectStoreSync(store, torch.bfloat16), ObjectStoreSync(store, torch.bfloat16)
+    learner.publish(0, state)
+    buckets = learner._host or learner._device  # a CPU learner's device bucket is its host bucket
+    assert buckets is not None
+    host = {d: b.data_ptr() for d, b in buckets.buffers.items()}
+    moved = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    meta = learner.publish(1, moved)
+    after = {d: b.data_ptr() for d, b in (learner._host or learner._device).buffers.items()}
+    assert after == host  # no allocation per version
+    version, got = worker.fetch(1, 0, 30)
+    want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in moved.items()}
+    assert version == 1 and state_digest(got) == state_digest(want)
+    assert meta["bytes"] < sum(v.numel() * v.element_size() for v in moved.values())  # bf16 travelled, not fp32
+    live = {k: v.clone() for k, v in got.items()}
+    worker.verify(1, live)
+    live["b.w"][4] = live["b.w"][4] + 1
+    with pytest.raises(WeightCheckError, match="weight version 1"):
+        worker.verify(1, live)
+
+
 def test_prompt_order_and_sample_seeds_are_pure_functions_of_the_step():
     from euphonium_ray.sampling import prompts_for_step, seeds_for
 
@@ -258,7 +292,7 @@ def test_prompt_order_and_sample_seeds_are_pure_functions_of_the_step():
 
 def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_by_role(monkeypatch):
     """NCCL refuses two ranks on one GPU (measured on an H200: "Duplicate GPU detected", NCCL 2.28), so a
-    fractional-GPU layout defaults to the object store, and a forced collective names the members that collide."""
+    fractional-GPU layout that fits one GPU defaults to CUDA IPC, one that may not to the object store, and a forced collective names the members that collide."""
     from euphonium_ray.actors.weights import ranks_sharing_a_device
 
     def backend(learner: float, rollout: float, *sets: str, environ: dict[str, str] | None = None) -> str:
@@ -267,7 +301,9 @@ def test_nccl_broadcast_is_chosen_only_for_whole_gpus_and_shared_gpus_are_named_
         return cfg.cluster.weight_sync_backend()
 
     assert backend(1, 1) == "collective"
-    assert backend(0.5, 0.5) == backend(1, 0.5) == backend(0, 1) == "object_store"
+    assert backend(0.5, 0.5) == backend(0.25, 0.25, "cluster.num_rollout_workers=3") == "cuda_ipc"  # one GPU
+    assert backend(0.5, 0.5, "cluster.num_rollout_workers=2") == "object_store"  # 1.5 GPUs: not all on one
+    assert backend(1, 0.5) == backend(0, 1) == backend(0, 0) == "object_store"
     assert backend(0.5, 0.5, "cluster.weight_sync=collective") == "collective"
     assert backend(1, 1, "cluster.weight_sync=object_store") == "object_store"
     where = {0: "10.0.0.1/GPU-a", 1: "10.0.0.1/GPU-b", 2: "10.0.0.1/GPU-a", 3: "10.0.0.2/GPU-a", 4: "10.0.0.1/GPU-b"}

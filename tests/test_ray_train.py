@@ -35,7 +35,7 @@ def baseline(world, local_ray, tmp_path_factory):
     """A 4-step sync run that checks, while it runs: weights after each step, the on-policy ratio, and the
     Prometheus endpoint of the node."""
     out = tmp_path_factory.mktemp("baseline")
-    cfg = run_config(world, out, f"steps={STEPS}", "output.save_every=2")
+    cfg = run_config(world, out, f"steps={STEPS}", "output.save_every=2", "cluster.weight_check=digest")
     checks: dict[str, list] = {"versions": [], "same_as_learner": [], "scrape": []}
 
     def on_event(event, step, system, record):
@@ -203,7 +203,7 @@ def test_two_learners_over_gloo_share_the_groups_and_broadcast_the_trained_weigh
 
     cfg = run_config(world, tmp_path, "steps=2", "cluster.num_learners=2", "cluster.learner_cpus=0.5",
                      "cluster.rollout_cpus=0.5", f"cluster.fsdp={str(fsdp).lower()}",
-                     f"cluster.weight_sync={'collective' if fsdp else 'object_store'}")
+                     f"cluster.weight_sync={'collective' if fsdp else 'object_store'}", "cluster.weight_check=digest")
     same: list[bool] = []
     digests: list[str] = []
 

@@ -34,8 +34,9 @@ def _ranks_update(rank: int, tmp: str) -> None:
     """Each rank: the same start weights, its own rollouts; DDP (all-reduced gradients) on one copy and FSDP on
     another, then rank 0 compares the gathered FSDP weights and AdamW moments with the DDP ones."""
     from euphonium_ray.checkpoint import load_checkpoint, read_optimizer_state, save_checkpoint
+    from euphonium_ray.checkpoint import state_digest
     from euphonium_ray.sharding import average_gradients, full_model_state, full_optimizer_state, \
-        load_full_optimizer_state, shard_transformer
+        full_state_on_device, load_full_optimizer_state, shard_transformer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -58,8 +59,11 @@ def _ranks_update(rank: int, tmp: str) -> None:
     fsdp_stats = grpo_update(fsdp, fsdp_opt, traj, terms, cfg, torch.Generator().manual_seed(7 + rank))
     weights = full_model_state(fsdp.transformer)
     moments = full_optimizer_state(fsdp.transformer, fsdp_opt)
+    published = full_state_on_device(fsdp.transformer, dtype=torch.bfloat16)  # what a weight publication gathers
+    as_is = full_state_on_device(fsdp.transformer)
 
     out: dict = {}
+    assert rank == 0 or (published == {} and as_is == {})
     if rank == 0:
         ddp_weights = ddp.transformer.state_dict()
         out.update(units=units, updates=fsdp_stats["num_updates"] if "num_updates" in fsdp_stats else None,
@@ -67,7 +71,10 @@ def _ranks_update(rank: int, tmp: str) -> None:
                    moments=_max_diff(_adam_moments(moments), _adam_moments(ddp_opt.state_dict())),
                    grad_norm=[ddp_stats["grad_norm"], fsdp_stats["grad_norm"]],
                    local_numel=sum(p.to_local().numel() for p in fsdp.transformer.parameters()),
-                   full_numel=sum(t.numel() for t in ddp_weights.values()))
+                   full_numel=sum(t.numel() for t in ddp_weights.values()),
+                   published_is_the_cast_of_the_gathered=state_digest(published) == state_digest(
+                       {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}),
+                   gathered_on_device_is_exact=state_digest(as_is) == state_digest(weights))
         # a checkpoint written from the gathered state reloads into an unsharded policy and optimizer
         path = save_checkpoint(Path(tmp) / "run", 1, fsdp, fsdp_opt, {"seed": 0}, policy_state=weights,
                                optimizer_state=moments)
@@ -97,6 +104,7 @@ def test_fsdp_update_over_two_gloo_ranks_equals_ddp_and_its_gathered_checkpoint_
     mp.spawn(_ranks_update, args=(str(tmp_path),), nprocs=WORLD)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["units"] >= 3  # each block list entry plus the root
+    assert r["published_is_the_cast_of_the_gathered"] and r["gathered_on_device_is_exact"]
     assert r["local_numel"] * WORLD >= r["full_numel"] > r["local_numel"]  # each rank holds about half
     assert r["moved"] > 1e-4  # the update did something, so equality below is not vacuous
     assert r["weights"] < 1e-6 and r["moments"] < 1e-7, r
