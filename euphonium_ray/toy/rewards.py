@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from euphonium_ray.config import RunConfig, ToyConfig
-from euphonium_ray.toy.orm import ToyPixelORM, check_videos, frame_geometry
+from euphonium_ray.toy.orm import FrameGeometry, ToyPixelORM, check_videos, frame_geometry
 from euphonium_ray.toy.vocab import DIRECTION_XY, parse_caption
 
 __all__ = ["CenteredReward", "MotionReward", "ProminenceReward", "SteadyReward", "caption_reward", "centered_reward", "motion_reward",
@@ -56,6 +56,11 @@ class _ToyPreference:
             return self.differentiable_score(videos, captions)
 
     def differentiable_score(self, videos: Tensor, captions: list[str]) -> Tensor:
+        check_videos(videos, captions)
+        return self.score_geometry(frame_geometry(videos, self.dead_zone), videos, captions)
+
+    def score_geometry(self, geo: FrameGeometry, videos: Tensor, captions: list[str]) -> Tensor:
+        """The preference from where the subject is in every frame (``frame_geometry``)."""
         raise NotImplementedError
 
 
@@ -67,9 +72,7 @@ class CenteredReward(_ToyPreference):
         super().__init__(cfg, dead_zone)
         self.spread = spread
 
-    def differentiable_score(self, videos: Tensor, captions: list[str]) -> Tensor:
-        check_videos(videos, captions)
-        geo = frame_geometry(videos, self.dead_zone)
+    def score_geometry(self, geo: FrameGeometry, videos: Tensor, captions: list[str]) -> Tensor:
         h = videos.shape[-1]
         d = torch.linalg.vector_norm(geo.centers - h / 2.0, dim=-1) / h  # (B, F)
         return self.presence(geo.area) * torch.exp(-(d**2) / (2 * self.spread**2)).mean(1)
@@ -84,9 +87,7 @@ class MotionReward(_ToyPreference):
         super().__init__(cfg, dead_zone)
         self.target = target
 
-    def differentiable_score(self, videos: Tensor, captions: list[str]) -> Tensor:
-        check_videos(videos, captions)
-        geo = frame_geometry(videos, self.dead_zone)
+    def score_geometry(self, geo: FrameGeometry, videos: Tensor, captions: list[str]) -> Tensor:
         dirs = [DIRECTION_XY[parse_caption(c, self.cfg.shapes, self.cfg.colors, self.cfg.directions).direction]
                 for c in captions]
         u = torch.tensor(dirs, device=videos.device, dtype=geo.centers.dtype)
@@ -105,9 +106,7 @@ class ProminenceReward(_ToyPreference):
         self.lo = r_min - (r_max - r_min)
         self.hi = r_max + 0.5 * (r_max - r_min)
 
-    def differentiable_score(self, videos: Tensor, captions: list[str]) -> Tensor:
-        check_videos(videos, captions)
-        geo = frame_geometry(videos, self.dead_zone)
+    def score_geometry(self, geo: FrameGeometry, videos: Tensor, captions: list[str]) -> Tensor:
         radius = torch.sqrt(geo.area.mean(1) / math.pi + 1e-12) / videos.shape[-1]
         return ((radius - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0)
 
@@ -120,9 +119,7 @@ class SteadyReward(_ToyPreference):
         super().__init__(cfg, dead_zone)
         self.spread = spread
 
-    def differentiable_score(self, videos: Tensor, captions: list[str]) -> Tensor:
-        check_videos(videos, captions)
-        geo = frame_geometry(videos, self.dead_zone)
+    def score_geometry(self, geo: FrameGeometry, videos: Tensor, captions: list[str]) -> Tensor:
         mean = geo.area.mean(1)
         cv = geo.area.std(1, correction=0) / (mean + 1e-6)
         return self.presence(geo.area) * torch.exp(-(cv**2) / (2 * self.spread**2))
